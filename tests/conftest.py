@@ -1,0 +1,51 @@
+"""Shared fixtures: the real data root (../shared/data beside the checkout) and one small trained run."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+# Every test, and every subprocess a test starts, reads the real data sets from the shared root unless told otherwise.
+os.environ.setdefault("TRAINFORGE_DATA", str(SHARED_DATA))
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    root = Path(os.environ["TRAINFORGE_DATA"])
+    if not (root / "mnist").is_dir():
+        pytest.fail(f"real MNIST not found under {root}: set TRAINFORGE_DATA to the shared data root")
+    return root
+
+
+@pytest.fixture(scope="session")
+def mnist(data_root):
+    from trainforge.data import load_data
+
+    return load_data("mnist", str(data_root))
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, mnist) -> Path:
+    """A linear model trained for one epoch on real MNIST: enough to be clearly better than chance."""
+    import trainforge
+
+    out = tmp_path_factory.mktemp("runs") / "linear"
+    trainforge.train({"model": "linear", "epochs": 1, "out": str(out), "tensorboard": False}, data=mnist,
+                     progress=False)
+    return out
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300, env: dict | None = None
+            ) -> subprocess.CompletedProcess:
+    """Runs `python -m trainforge ARGS` in a subprocess, as a user would."""
+    full_env = {**os.environ, **(env or {})}
+    full_env["PYTHONPATH"] = str(REPO) + os.pathsep + full_env.get("PYTHONPATH", "")
+    return subprocess.run([sys.executable, "-m", "trainforge", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd, env=full_env)

@@ -1,0 +1,101 @@
+import json
+
+import numpy as np
+import torch
+from torchvision.io import encode_jpeg, write_png
+
+from conftest import run_cli
+
+
+def last_json(stdout: str):
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def test_train_eval_predict_through_the_cli(tmp_path, mnist):
+    run = tmp_path / "run"
+    trained = run_cli("train", "--epochs", "1", "--subset", "3000", "--batch-size", "100", "--out", str(run), "--json")
+    assert trained.returncode == 0, trained.stderr
+    summary = last_json(trained.stdout)
+    for key in ("test_acc", "train_seconds", "epochs", "samples_per_second", "device", "precision", "world_size",
+                "run_dir"):
+        assert key in summary
+    assert summary["test_acc"] > 0.8 and summary["world_size"] == 1 and summary["run_dir"] == str(run)
+
+    evaluated = run_cli("eval", str(run), "--json")
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert abs(last_json(evaluated.stdout)["test_acc"] - summary["test_acc"]) < 1e-6
+
+    png, jpg, npy = tmp_path / "seven.png", tmp_path / "two.jpg", tmp_path / "one.npy"
+    write_png(mnist.test.images[0], str(png))  # test image 0 is a 7
+    jpg.write_bytes(encode_jpeg(mnist.test.images[1].expand(3, -1, -1).contiguous(), quality=95).numpy().tobytes())
+    np.save(npy, mnist.test.images[2, 0].numpy().astype(np.float32) / 255.0)  # a 1, as floats in 0-1
+    labels = [int(mnist.test.labels[i]) for i in range(3)]
+    predicted = run_cli("predict", str(run), str(png), str(jpg), str(npy), "--json")
+    assert predicted.returncode == 0, predicted.stderr
+    answers = last_json(predicted.stdout)
+    assert [a["file"] for a in answers] == [str(png), str(jpg), str(npy)]
+    assert [int(a["label"]) for a in answers] == labels
+    assert all(0 < a["confidence"] <= 1 for a in answers)
+
+
+def test_human_output_and_progress_go_to_the_right_streams(tmp_path):
+    result = run_cli("train", "--epochs", "1", "--subset", "1000", "--out", str(tmp_path / "r"), "--no-tensorboard")
+    assert result.returncode == 0, result.stderr
+    assert "test accuracy" in result.stdout and "train" in result.stderr
+
+
+def test_user_mistakes_are_one_line_errors(tmp_path):
+    cases = [
+        (["train", "--lr", "-1"], "field 'lr' must be > 0"),
+        (["train", "--data", "no-such-thing"], "neither a built-in data set"),
+        (["train", "--model", "nope"], "unknown model 'nope'"),
+        (["train", "--config", str(tmp_path / "missing.yaml")], "cannot read config file"),
+        (["train", "--resume", str(tmp_path / "nowhere")], "no such run directory"),
+        (["eval", str(tmp_path)], "not a finished run directory"),
+        (["predict", str(tmp_path), "x.png"], "not a finished run directory"),
+    ]
+    for args, message in cases:
+        result = run_cli(*args)
+        assert result.returncode == 2, (args, result.stderr)
+        assert message in result.stderr, (args, result.stderr)
+        assert "Traceback" not in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_argparse_rejects_bad_flag_values():
+    result = run_cli("train", "--epochs", "many")
+    assert result.returncode == 2 and "expected a number" in result.stderr
+
+
+def test_predict_names_unreadable_images(trained_run, tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    result = run_cli("predict", str(trained_run), str(bad))
+    assert result.returncode == 2 and f"{bad}: not a readable PNG/JPEG image" in result.stderr
+    wrong = tmp_path / "wrong.npy"
+    np.save(wrong, np.zeros((2, 2, 2, 2)))
+    result = run_cli("predict", str(trained_run), str(wrong))
+    assert result.returncode == 2 and "expected an image array" in result.stderr
+
+
+def test_help_explains_every_verb():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for verb in ("train", "eval", "predict", "models"):
+        assert verb in result.stdout
+    train_help = run_cli("train", "--help").stdout
+    assert "--recipe" in train_help and "--target-acc" in train_help and "Examples" in train_help
+
+
+def test_models_lists_the_registry():
+    result = run_cli("models", "--json")
+    names = [m["name"] for m in last_json(result.stdout)["models"]]
+    assert {"linear", "mlp", "cnn", "resnet18", "vgg16"} <= set(names)
+
+
+def test_large_image_inputs_are_resized_by_the_model(trained_run, tmp_path):
+    big = tmp_path / "big.png"
+    write_png(torch.zeros(1, 56, 56, dtype=torch.uint8), str(big))
+    result = run_cli("predict", str(trained_run), str(big), "--json", "--top-k", "3")
+    assert result.returncode == 0, result.stderr
+    assert len(last_json(result.stdout)[0]["top"]) == 3

@@ -1,0 +1,81 @@
+"""The `trainforge` command: a table of verbs, each the CLI face of one module's `configure` and `run`.
+
+A user mistake (a TrainforgeError) prints one line and exits with status 2; `--debug` shows the traceback.
+With `--json` the last line of stdout is one JSON object (or list) that scripts can parse.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+import sys
+from typing import Any, Sequence
+
+# verb -> (module with configure(parser) and run(args), one line of help)
+VERBS: dict[str, tuple[str, str]] = {
+    "train": ("trainforge.train.command", "train an image classifier"),
+    "eval": ("trainforge.eval", "evaluate a run's model on a test set"),
+    "predict": ("trainforge.predict", "classify image files (PNG/JPEG/.npy) with a run's model"),
+    "models": ("trainforge.models.command", "list the registered models and recipes"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="trainforge", description="Train, fine-tune, compress and serve image classifiers, fast, on any device.")
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+    for verb, (module_name, help_text) in VERBS.items():
+        module = importlib.import_module(module_name)
+        verb_parser = sub.add_parser(verb, help=help_text, description=(module.__doc__ or help_text).strip(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.configure(verb_parser)
+        common = verb_parser.add_argument_group("output")
+        common.add_argument("--json", action="store_true", help="print the result as JSON on the last line of stdout")
+        common.add_argument("--quiet", action="store_true", help="no progress bars or tables")
+        common.add_argument("--debug", action="store_true", help="show full tracebacks of errors")
+        verb_parser.set_defaults(module=module_name)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .errors import TrainforgeError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    module = importlib.import_module(args.module)
+    try:
+        result = module.run(args)
+    except TrainforgeError as exc:
+        if args.debug:
+            raise
+        print(f"trainforge {args.verb}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"trainforge {args.verb}: interrupted", file=sys.stderr)
+        return 130
+    if args.json and result is not None:
+        print(json.dumps(_json_safe(result)))
+    return 0
+
+
+def _json_safe(value: Any) -> Any:
+    """JSON has no NaN/Inf: report them as null rather than emit invalid JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _version() -> str:
+    from . import __version__
+    return f"trainforge {__version__}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

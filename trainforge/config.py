@@ -1,0 +1,238 @@
+"""Dataclass configs that round-trip through YAML/JSON, and the CLI flags generated from them.
+
+Every field carries its help text in `metadata["help"]`; `add_arguments` turns the fields into `--flags`, so a flag
+and its Python parameter cannot drift apart, and a saved `config.yaml` re-runs the same job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar, Union, get_args, get_origin
+
+import yaml
+
+from .errors import ConfigError
+
+T = TypeVar("T")
+
+
+def option(default: Any, help: str, *, choices: tuple | None = None, low: float | None = None,
+           high: float | None = None, positive: bool = False) -> Any:
+    """A config field with help text and the bounds its values must respect."""
+    meta = {"help": help, "choices": choices, "low": low, "high": high, "positive": positive}
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything that defines a training run. Fields left at None are filled from the recipe."""
+
+    recipe: str | None = option(None, "named bundle of model, optimizer, schedule, batch size and epochs "
+                                      "(default: the model's own recipe, or 'reference')")
+    data: str = option("mnist", "built-in data set (mnist, fashion-mnist) or a folder of images, one sub-folder per class")
+    data_dir: str | None = option(None, "root of the built-in data sets (default: $TRAINFORGE_DATA, else ~/.cache/trainforge)")
+    subset: int | None = option(None, "train on a seeded, class-balanced subset of N training images", positive=True)
+    val_fraction: float = option(0.1, "held-out fraction of an image folder without train/ and val/ sub-folders",
+                                 low=0.0, high=0.9)
+    image_size: int | None = option(None, "resize folder images to this side length (default: their own size)",
+                                    positive=True)
+    model: str | None = option(None, "registered model name (see `trainforge models`)")
+    width: int | None = option(None, "width multiplier input of models that take one (channels or hidden units)",
+                               positive=True)
+    epochs: float | None = option(None, "training epochs; fractions train part of the last epoch", positive=True)
+    batch_size: int | None = option(None, "global batch size (split across processes)", positive=True)
+    optimizer: str | None = option(None, "optimizer", choices=("sgd", "adam", "adamw"))
+    lr: float | None = option(None, "peak learning rate", positive=True)
+    momentum: float | None = option(None, "SGD momentum (Nesterov when > 0)", low=0.0, high=0.999)
+    betas: list[float] | None = option(None, "Adam/AdamW betas, two numbers", low=0.0, high=0.9999)
+    weight_decay: float | None = option(None, "weight decay", low=0.0)
+    schedule: str | None = option(None, "learning-rate schedule", choices=("constant", "cosine", "onecycle"))
+    warmup: float | None = option(None, "fraction of training spent warming the learning rate up", low=0.0, high=1.0)
+    label_smoothing: float | None = option(None, "label smoothing of the cross-entropy loss", low=0.0, high=0.5)
+    augment: str | None = option(None, "augmentation on the device", choices=("none", "translate", "flip", "flip-translate"))
+    device: str = option("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    precision: str = option("auto", "auto (bf16 on GPUs that support it, else fp32), 32, bf16 or fp16",
+                            choices=("auto", "32", "bf16", "fp16"))
+    compile: bool = option(False, "compile the model with torch.compile")
+    seed: int = option(0, "random seed of initialisation, shuffling and augmentation", low=0)
+    target_acc: float | None = option(None, "stop once test accuracy reaches this fraction", low=0.0, high=1.0)
+    eval_batch_size: int = option(2000, "batch size of evaluation", positive=True)
+    loader: str = option("auto", "auto (device-resident when the data fits), device or streaming",
+                         choices=("auto", "device", "streaming"))
+    workers: int = option(2, "worker processes of the streaming loader", low=0)
+    checkpoint_every: int | None = option(None, "also checkpoint every N optimizer steps", positive=True)
+    checkpoint_minutes: float | None = option(None, "also checkpoint every M minutes", positive=True)
+    skip_nonfinite: bool = option(False, "skip steps whose loss or gradients are NaN/Inf instead of stopping")
+    out: str | None = option(None, "run directory (default: runs/<timestamp>)")
+    tensorboard: bool = option(True, "write TensorBoard event files into the run directory")
+
+
+def _base_type(tp: Any) -> Any:
+    """The type inside Optional[...]."""
+    if get_origin(tp) in (Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        return args[0] if len(args) == 1 else tp
+    return tp
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(cls: type, name: str, value: Any, source: str) -> Any:
+    """Checks one value against its field's type and bounds; returns it in canonical form."""
+    field = {f.name: f for f in dataclasses.fields(cls)}[name]
+    tp = _field_types(cls)[name]
+    optional = type(None) in get_args(tp)
+    base = _base_type(tp)
+    meta = field.metadata
+    where = f"{source}: field '{name}'"
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{where} must not be empty")
+    if base is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} expects true or false, got {value!r}")
+        return value
+    if base is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} expects an integer, got {value!r}")
+    elif base is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} expects a number, got {value!r}")
+        value = float(value)
+    elif base is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} expects a string, got {value!r}")
+    elif get_origin(base) is list:
+        if not isinstance(value, (list, tuple)) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            raise ConfigError(f"{where} expects a list of numbers, got {value!r}")
+        value = [float(v) for v in value]
+    elif get_origin(base) is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} expects a mapping, got {value!r}")
+    _check_bounds(where, value, meta)
+    return value
+
+
+def _check_bounds(where: str, value: Any, meta: typing.Mapping[str, Any]) -> None:
+    if meta.get("choices") and value not in meta["choices"]:
+        raise ConfigError(f"{where} must be one of {', '.join(map(str, meta['choices']))}; got {value!r}")
+    for v in value if isinstance(value, list) else [value]:
+        if not isinstance(v, (int, float)):
+            continue
+        if v != v or v in (float("inf"), float("-inf")):
+            raise ConfigError(f"{where} must be a finite number, got {v!r}")
+        if meta.get("positive") and v <= 0:
+            raise ConfigError(f"{where} must be > 0, got {v!r}")
+        if meta.get("low") is not None and v < meta["low"]:
+            raise ConfigError(f"{where} must be >= {meta['low']}, got {v!r}")
+        if meta.get("high") is not None and v > meta["high"]:
+            raise ConfigError(f"{where} must be <= {meta['high']}, got {v!r}")
+
+
+def from_dict(cls: type[T], values: typing.Mapping[str, Any], source: str = "config") -> T:
+    """Builds a config from a mapping, rejecting unknown keys and values of the wrong type or range."""
+    if not isinstance(values, typing.Mapping):
+        raise ConfigError(f"{source}: expected a mapping of field names to values, got {type(values).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(str(k) for k in values if k not in known)
+    if unknown:
+        raise ConfigError(f"{source}: unknown field(s) {', '.join(unknown)}; known fields: {', '.join(sorted(known))}")
+    return cls(**{k: _coerce(cls, k, v, source) for k, v in values.items()})
+
+
+def validate(config: Any, source: str = "config") -> None:
+    """Raises ConfigError if any field of a config object is of the wrong type or out of range."""
+    for f in dataclasses.fields(config):
+        setattr(config, f.name, _coerce(type(config), f.name, getattr(config, f.name), source))
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def load_file(cls: type[T], path: str | Path) -> T:
+    """Reads a YAML or JSON config file (JSON is YAML) into `cls`; errors name the file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read config file ({exc})") from None
+    try:
+        values = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML/JSON ({str(exc).splitlines()[0]})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nesting too deep to be a config file") from None
+    if values is None:
+        values = {}
+    return from_dict(cls, values, source=str(path))
+
+
+def dumps(config: Any) -> str:
+    return yaml.safe_dump(to_dict(config), sort_keys=False)
+
+
+def to_json(config: Any) -> str:
+    return json.dumps(to_dict(config))
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ...] = ()) -> None:
+    """Adds one `--flag` per dataclass field, typed and documented from the field itself.
+
+    Every flag defaults to argparse.SUPPRESS so that only what the user typed overrides the config file and recipe.
+    """
+    hints = _field_types(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        base = _base_type(hints[f.name])
+        meta = f.metadata
+        help_text = meta.get("help", "")
+        if f.default is not dataclasses.MISSING and f.default is not None:
+            help_text += f" (default: {f.default})"
+        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
+        if base is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif get_origin(base) is list:
+            kwargs.update(nargs="+", type=_number_arg(f.name, float), metavar="X")
+        else:
+            kwargs["type"] = _number_arg(f.name, base) if base in (int, float) else str
+            if meta.get("choices"):
+                kwargs["choices"] = meta["choices"]
+            kwargs["metavar"] = {int: "N", float: "X"}.get(base, "VALUE") if not meta.get("choices") else None
+        parser.add_argument(flag, **kwargs)
+
+
+def _number_arg(name: str, kind: type) -> typing.Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            return kind(text)
+        except ValueError:
+            expected = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def merge(cls: type[T], *layers: typing.Mapping[str, Any], source: str = "config") -> T:
+    """Applies layers of values in order (later wins) over the class defaults and validates the result."""
+    values: dict[str, Any] = {}
+    for layer in layers:
+        values.update(layer)
+    return from_dict(cls, values, source=source)
+
+
+__all__ = ["TrainConfig", "from_dict", "load_file", "dumps", "to_dict", "to_json", "add_arguments", "merge",
+           "validate", "option"]

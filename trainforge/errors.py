@@ -1,0 +1,25 @@
+"""The project's exception types: one per area, each caught at the CLI boundary and printed as one line."""
+
+
+class TrainforgeError(Exception):
+    """Base of every error a user can cause and fix; the CLI prints it without a traceback."""
+
+
+class DataError(TrainforgeError):
+    """A data set is missing, unreadable or malformed."""
+
+
+class ConfigError(TrainforgeError):
+    """A configuration value or file is invalid."""
+
+
+class ModelError(TrainforgeError):
+    """A model name, architecture or set of weights does not fit."""
+
+
+class CheckpointError(TrainforgeError):
+    """A run directory, checkpoint or weights file is missing, corrupt or unsafe."""
+
+
+class TrainingError(TrainforgeError):
+    """Training cannot continue (non-finite loss, failed checkpoint write, ...)."""

@@ -1,0 +1,134 @@
+"""The model registry: `@register_model` on a builder function, `create_model(name, ...)` to build one.
+
+A registry entry carries the model's input contract (image size, channels, normalization) and the recipe that trains
+it well, so training, `load()`, export and serving all read the same facts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..errors import ModelError
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    builder: Callable[..., nn.Module]
+    default_recipe: str
+    description: str
+    # A model that needs a fixed input (pretrained nets) names it; None means "whatever the data has".
+    image_size: int | None = None
+    in_channels: int | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+
+_REGISTRY: dict[str, ModelEntry] = {}
+
+
+def register_model(name: str | None = None, *, default_recipe: str = "default", image_size: int | None = None,
+                   in_channels: int | None = None, mean: tuple[float, ...] | None = None,
+                   std: tuple[float, ...] | None = None) -> Callable:
+    """Registers `builder(num_classes, in_channels, image_size, width=None) -> nn.Module` under `name`.
+
+    User models plug in the same way as the built-in ones.
+    """
+    def decorate(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        key = name or builder.__name__
+        doc = (builder.__doc__ or "").strip().splitlines()
+        _REGISTRY[key] = ModelEntry(key, builder, default_recipe, doc[0] if doc else "", image_size, in_channels,
+                                    mean, std)
+        return builder
+    return decorate
+
+
+def model_entry(name: str) -> ModelEntry:
+    _load_builtin_families()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ModelError(f"unknown model {name!r}; registered models: {', '.join(list_models())}") from None
+
+
+def list_models() -> list[str]:
+    _load_builtin_families()
+    return sorted(_REGISTRY)
+
+
+def create_model(name: str, num_classes: int = 10, in_channels: int = 1, image_size: int = 28,
+                 width: int | None = None) -> nn.Module:
+    """Builds the bare network `name` (no preprocessing): float input [N, in_channels, image_size, image_size]."""
+    entry = model_entry(name)
+    if num_classes < 1:
+        raise ModelError(f"num_classes must be >= 1, got {num_classes}")
+    kwargs = {} if width is None else {"width": width}
+    try:
+        return entry.builder(num_classes=num_classes, in_channels=in_channels, image_size=image_size, **kwargs)
+    except TypeError as exc:
+        if width is not None and "width" in str(exc):
+            raise ModelError(f"model {name!r} takes no width") from None
+        raise
+
+
+class Preprocess(nn.Module):
+    """Raw uint8 images [N, C, H, W] -> the float input a network was trained on.
+
+    Channel adaptation, resizing and normalization live inside the model so that training, `load()`, ONNX export and
+    serving apply exactly the same arithmetic.
+    """
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], in_channels: int, image_size: int):
+        super().__init__()
+        if len(mean) != in_channels or len(std) != in_channels:
+            raise ModelError(f"mean/std need {in_channels} values each, got {len(mean)} and {len(std)}")
+        std_t = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        mean_t = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        # (x / 255 - mean) / std as one multiply-add.
+        self.register_buffer("scale", 1.0 / (255.0 * std_t))
+        self.register_buffer("shift", -mean_t / std_t)
+        self.in_channels = in_channels
+        self.image_size = image_size
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float()
+        channels = x.shape[1]
+        if channels != self.in_channels:
+            if channels == 1:
+                x = x.expand(-1, self.in_channels, -1, -1)
+            elif channels == 3 and self.in_channels == 1:
+                x = (x * torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
+            else:
+                raise ModelError(f"cannot adapt {channels}-channel images to a {self.in_channels}-channel model")
+        if x.shape[-2] != self.image_size or x.shape[-1] != self.image_size:
+            x = nn.functional.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear",
+                                          align_corners=False)
+        return x * self.scale + self.shift
+
+
+class Classifier(nn.Module):
+    """Preprocessing followed by a network: takes raw uint8 images, returns logits."""
+
+    def __init__(self, preprocess: Preprocess, net: nn.Module):
+        super().__init__()
+        self.preprocess = preprocess
+        self.net = net
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(self.preprocess(images))
+
+
+def build_classifier(name: str, num_classes: int, in_channels: int, image_size: int, mean: tuple[float, ...],
+                     std: tuple[float, ...], width: int | None = None) -> Classifier:
+    """A registered network wrapped with the preprocessing of its data."""
+    net = create_model(name, num_classes=num_classes, in_channels=in_channels, image_size=image_size, width=width)
+    return Classifier(Preprocess(tuple(mean), tuple(std), in_channels, image_size), net)
+
+
+def _load_builtin_families() -> None:
+    # Imported lazily so that importing the registry stays cheap and free of import cycles.
+    from . import small, torchvision_zoo  # noqa: F401

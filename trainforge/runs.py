@@ -1,0 +1,229 @@
+"""The run directory: weights, config, resumable state, metrics and summary; `load()` to get a model back.
+
+    <run>/config.yaml        the resolved TrainConfig: `trainforge train --config <run>/config.yaml` re-runs it
+    <run>/model.safetensors  weights of the model with its preprocessing (raw uint8 images in, logits out)
+    <run>/model.json         what rebuilds the model: architecture, classes, input contract
+    <run>/state.pt           model, optimizer, scheduler, RNG and loop position, to resume (weights_only loading)
+    <run>/metrics.jsonl      one JSON line per epoch
+    <run>/summary.json       the final result
+
+Every file is written atomically (temporary file, fsync, rename), so a crash leaves the previous version whole.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import json
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from .errors import CheckpointError, TrainforgeError
+
+MODEL_FILE = "model.safetensors"
+MODEL_INFO = "model.json"
+CONFIG_FILE = "config.yaml"
+STATE_FILE = "state.pt"
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+
+
+@dataclasses.dataclass
+class ModelInfo:
+    """What rebuilds a run's model: the registered architecture and its input contract."""
+
+    model: str
+    num_classes: int
+    classes: list[str]
+    in_channels: int
+    image_size: int
+    mean: list[float]
+    std: list[float]
+    width: int | None = None
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
+    """Opens a temporary file beside `path`; on success it is fsynced and renamed over `path`.
+
+    On any failure the temporary file is removed and `path` keeps its previous content.
+    """
+    path = Path(path)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot write ({exc.strerror or exc})") from None
+    try:
+        with os.fdopen(fd, mode) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise CheckpointError(f"{path}: cannot write ({exc.strerror or exc}); the previous version is unchanged") \
+            from None
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    # The rename itself is durable only once the directory entry is on disk.
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_open(path, "w") as handle:
+        handle.write(text)
+
+
+def write_json(path: str | os.PathLike, value: Any) -> None:
+    write_text(path, json.dumps(value, indent=2) + "\n")
+
+
+def save_weights(path: str | os.PathLike, state_dict: dict[str, torch.Tensor]) -> None:
+    """Writes tensors as safetensors (a format that cannot carry code), atomically."""
+    from safetensors.torch import save
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    with atomic_open(path) as handle:
+        handle.write(save(tensors))
+
+
+def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Reads weights from .safetensors, or from a torch file without executing any pickled code."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: weights file not found")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"{path}: not a valid safetensors file ({exc})") from None
+    state = safe_torch_load(path)
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: expected a mapping of parameter names to tensors")
+    return state
+
+
+def safe_torch_load(path: str | os.PathLike) -> Any:
+    """`torch.load` with `weights_only=True`: a file that would run code is refused, a broken one named."""
+    path = Path(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: refused to load: the file holds objects other than tensors and plain "
+                              f"containers, which could execute code ({first[:200]})") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError, IndexError, TypeError,
+            AttributeError, UnicodeDecodeError, OverflowError, MemoryError) as exc:
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt: "
+                              f"{str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__})") from None
+
+
+def save_state(path: str | os.PathLike, state: dict[str, Any]) -> None:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    with atomic_open(path) as handle:
+        handle.write(buffer.getvalue())
+
+
+def write_metrics(run_dir: Path, metrics: list[dict[str, Any]]) -> None:
+    """Rewrites metrics.jsonl whole, so a resumed run never keeps lines past its checkpoint."""
+    write_text(run_dir / METRICS_FILE, "".join(json.dumps(m) + "\n" for m in metrics))
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    path = Path(run_dir) / METRICS_FILE
+    if not path.exists():
+        return []
+    lines = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            lines.append(json.loads(line))
+        except json.JSONDecodeError:
+            raise CheckpointError(f"{path}: line {number} is not JSON") from None
+    return lines
+
+
+def read_model_info(run_dir: str | os.PathLike) -> ModelInfo:
+    run_dir = Path(run_dir)
+    path = run_dir / MODEL_INFO
+    if not run_dir.is_dir():
+        raise CheckpointError(f"{run_dir}: not a run directory (no such directory)")
+    if not path.is_file():
+        raise CheckpointError(f"{run_dir}: not a finished run directory (no {MODEL_INFO}; "
+                              f"an interrupted run can be continued with --resume)")
+    try:
+        values = json.loads(path.read_text())
+        return ModelInfo(**values)
+    except (json.JSONDecodeError, TypeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: malformed model description ({exc})") from None
+
+
+def build_model(info: ModelInfo) -> nn.Module:
+    """The architecture described by `info`, with its preprocessing, untrained."""
+    from .models import build_classifier
+
+    return build_classifier(info.model, info.num_classes, info.in_channels, info.image_size, tuple(info.mean),
+                            tuple(info.std), width=info.width)
+
+
+def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str | os.PathLike) -> None:
+    """Loads weights, failing with the list of missing, unexpected and mis-shaped keys."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = sorted(f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in set(own) & set(state)
+                    if state[k].shape != own[k].shape)
+    if missing or unexpected or shapes:
+        parts = []
+        for label, keys in (("missing keys", missing), ("unexpected keys", unexpected),
+                            ("shape mismatches (file vs model)", shapes)):
+            if keys:
+                parts.append(f"{label}: {', '.join(keys[:10])}" + (f" (+{len(keys) - 10} more)" if len(keys) > 10
+                                                                     else ""))
+        raise CheckpointError(f"{source}: weights do not fit the model; " + "; ".join(parts))
+    model.load_state_dict(state)
+
+
+def load(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
+    """The trained model of a run, in eval mode: raw uint8 images [N, C, H, W] in, logits out.
+
+    The model carries `classes` (label names) and `info` (its ModelInfo) as attributes.
+    """
+    run_dir = Path(run_dir)
+    info = read_model_info(run_dir)
+    try:
+        model = build_model(info)
+    except TrainforgeError:
+        raise
+    except Exception as exc:
+        raise CheckpointError(f"{run_dir / MODEL_INFO}: cannot rebuild model {info.model!r} ({exc})") from None
+    load_state_dict_strict(model, load_weights(run_dir / MODEL_FILE), run_dir / MODEL_FILE)
+    model.classes = list(info.classes)
+    model.info = info
+    return model.to(device).eval()
