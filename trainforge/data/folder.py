@@ -1,0 +1,313 @@
+"""Image folders: one sub-folder per class holding PNG/JPEG files, loaded fully into memory or streamed.
+
+Layout: <root>/<class>/<image>, or <root>/train/<class>/<image> with <root>/val/<class>/<image> beside it.
+"""
+
+import math
+import os
+import pathlib
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.utils.data
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms.v2 import functional as F
+
+from trainforge.data.sources import ImageSet
+from trainforge.errors import ConfigError, DataError
+
+__all__ = [
+    "FolderDataset",
+    "StreamingLoader",
+    "estimate_folder_bytes",
+    "infer_image_format",
+    "load_image_folder",
+    "scan_image_folder",
+    "split_stratified",
+    "streaming_loader",
+]
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg"})
+# How many images infer_image_format decodes to choose grayscale or RGB: enough to catch a folder of color
+# images, few enough that inspecting a large folder costs little next to loading it.
+_CHANNEL_SAMPLE = 32
+
+LabelledFiles = list[tuple[pathlib.Path, int]]
+
+
+def _scan_classes(root: pathlib.Path) -> dict[str, list[pathlib.Path]]:
+    """Class name -> sorted image files, for the class folders directly under `root` (hidden ones skipped)."""
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not class_dirs:
+        loose = any(p.suffix.lower() in IMAGE_SUFFIXES for p in root.iterdir())
+        hint = "; images found directly in it, move them into one sub-folder per class" if loose else ""
+        raise DataError(f"{root}: no class folders (expected one sub-folder of PNG/JPEG images per class{hint})")
+    classes = {}
+    for d in class_dirs:
+        files = sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if not files:
+            raise DataError(f"{d}: empty class folder (expected PNG/JPEG files: .png, .jpg or .jpeg)")
+        classes[d.name] = files
+    return classes
+
+
+def scan_image_folder(
+    path: str | os.PathLike,
+) -> tuple[LabelledFiles, LabelledFiles | None, list[str]]:
+    """Lists an image folder as (train files with labels, val files with labels or None, class names).
+
+    Uses <path>/train and <path>/val when both exist (their class names must agree; classes come from train/),
+    else <path> itself with val None; labels index the sorted class names. Raises DataError when the path is
+    missing or not a folder, has no class folders, a class folder holds no images, or val/ classes differ.
+    """
+    root = pathlib.Path(path)
+    if not root.exists():
+        raise DataError(f"{root}: image folder not found")
+    if not root.is_dir():
+        raise DataError(f"{root}: not a directory (expected a folder with one sub-folder of images per class)")
+    split = (root / "train").is_dir() and (root / "val").is_dir()
+    train = _scan_classes(root / "train" if split else root)
+    classes = list(train)
+    index = {c: i for i, c in enumerate(classes)}
+    train_files = [(f, index[c]) for c, files in train.items() for f in files]
+    if not split:
+        return train_files, None, classes
+    val = _scan_classes(root / "val")
+    if set(val) != set(train):
+        problems = []
+        if extra := sorted(set(val) - set(train)):
+            problems.append(f"only in val/: {', '.join(extra)}")
+        if absent := sorted(set(train) - set(val)):
+            problems.append(f"only in train/: {', '.join(absent)}")
+        raise DataError(f"{root}: train/ and val/ have different class folders ({'; '.join(problems)})")
+    val_files = [(f, index[c]) for c, files in val.items() for f in files]
+    return train_files, val_files, classes
+
+
+def split_stratified(files: LabelledFiles, val_fraction: float, seed: int) -> tuple[LabelledFiles, LabelledFiles]:
+    """Splits files into (train, val), the same for the same seed: each class gives round(n * val_fraction) of its
+    n files to val, but at least 1 when n >= 2 and val_fraction > 0, and never its last one. Both keep input order."""
+    if not 0 <= val_fraction < 1:
+        raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    by_class: dict[int, list[int]] = {}
+    for i, (_, label) in enumerate(files):
+        by_class.setdefault(label, []).append(i)
+    rng = np.random.default_rng(seed)
+    in_val = np.zeros(len(files), dtype=bool)
+    for label in sorted(by_class):
+        members = by_class[label]
+        n_val = round(len(members) * val_fraction)
+        if val_fraction > 0 and len(members) >= 2:
+            n_val = min(max(n_val, 1), len(members) - 1)
+        in_val[np.asarray(members)[rng.permutation(len(members))[:n_val]]] = True
+    train = [f for f, v in zip(files, in_val, strict=True) if not v]
+    val = [f for f, v in zip(files, in_val, strict=True) if v]
+    return train, val
+
+
+def _read_image(path: pathlib.Path, mode: ImageReadMode) -> torch.Tensor:
+    """Decodes one image file to a uint8 [C, H, W] tensor, raising DataError naming the file if it cannot."""
+    try:
+        data = bytearray(path.read_bytes())
+    except OSError as e:
+        raise DataError(f"{path}: cannot read image ({e.strerror or e})") from None
+    if not data:
+        raise DataError(f"{path}: empty file (expected a PNG or JPEG image)")
+    try:
+        image = decode_image(torch.frombuffer(data, dtype=torch.uint8), mode=mode)
+    except (RuntimeError, ValueError) as e:
+        raise DataError(f"{path}: cannot decode image (expected a PNG or JPEG image; {e})") from None
+    if image.dtype != torch.uint8:  # 16-bit PNGs
+        image = F.to_dtype(image, torch.uint8, scale=True)
+    return image
+
+
+def _size_pair(image_size: int | tuple[int, int]) -> tuple[int, int]:
+    size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    if len(size) != 2 or min(size) < 1:
+        raise ConfigError(f"image_size must be a positive int or (height, width), got {image_size!r}")
+    return size  # type: ignore[return-value]
+
+
+def _mode(channels: int) -> ImageReadMode:
+    if channels not in (1, 3):
+        raise ConfigError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels!r}")
+    return ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
+
+
+def infer_image_format(
+    files: Sequence[tuple[pathlib.Path, int]],
+    *,
+    image_size: int | tuple[int, int] | None = None,
+    channels: int | None = None,
+) -> tuple[int, tuple[int, int]]:
+    """Returns (channels, (height, width)) that loading `files` will produce, filling in what is not given.
+
+    Default size: the first file's. Default channels: 1 if every sampled file (up to 32, spread over the list)
+    is grayscale (with or without alpha), else 3.
+    """
+    if not files:
+        raise DataError("no image files to load")
+    size = None if image_size is None else _size_pair(image_size)
+    if channels is not None:
+        _mode(channels)
+    if size is None:
+        size = tuple(_read_image(files[0][0], ImageReadMode.UNCHANGED).shape[-2:])
+    if channels is None:
+        step = math.ceil(len(files) / _CHANNEL_SAMPLE)
+        sample = [_read_image(f, ImageReadMode.UNCHANGED) for f, _ in files[::step]]
+        channels = 1 if all(image.shape[0] <= 2 for image in sample) else 3
+    return channels, size  # type: ignore[return-value]
+
+
+def _load(path: pathlib.Path, size: tuple[int, int], mode: ImageReadMode) -> torch.Tensor:
+    image = _read_image(path, mode)
+    if tuple(image.shape[-2:]) != size:
+        image = F.resize(image, list(size), antialias=True)
+    return image
+
+
+def _decode_all(files: LabelledFiles, size: tuple[int, int], channels: int, classes: list[str]) -> ImageSet:
+    mode = _mode(channels)
+    images = torch.empty((len(files), channels, *size), dtype=torch.uint8)
+    for i, (path, _) in enumerate(files):
+        images[i] = _load(path, size, mode)
+    labels = torch.tensor([label for _, label in files], dtype=torch.int64)
+    return ImageSet(images=images, labels=labels, classes=classes)
+
+
+def load_image_folder(
+    path: str | os.PathLike,
+    *,
+    image_size: int | None = None,
+    channels: int | None = None,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+) -> tuple[ImageSet, ImageSet]:
+    """Decodes a whole image folder into memory as (train, val) uint8 [N, C, H, W] sets.
+
+    Uses the folder's own train/ and val/ when present, else a seeded stratified split (see split_stratified;
+    val may then be empty). Every image is converted to `channels` and resized to image_size x image_size
+    (antialiased); defaults come from infer_image_format. Raises DataError naming any file that cannot be
+    decoded, and for the layout problems scan_image_folder reports.
+    """
+    train_files, val_files, classes = scan_image_folder(path)
+    if val_files is None:
+        train_files, val_files = split_stratified(train_files, val_fraction, seed)
+    channels, size = infer_image_format(train_files, image_size=image_size, channels=channels)
+    return _decode_all(train_files, size, channels, classes), _decode_all(val_files, size, channels, classes)
+
+
+def estimate_folder_bytes(files: Sequence[object], image_size: int | tuple[int, int], channels: int) -> int:
+    """Bytes that `files` take once decoded to uint8 channels x image_size: what device residency would cost."""
+    height, width = _size_pair(image_size)
+    return len(files) * channels * height * width
+
+
+class FolderDataset(torch.utils.data.Dataset):
+    """Decodes images on demand: item i is (uint8 [channels, H, W] tensor, int label) of files[i].
+
+    Raises DataError naming the file when an image cannot be decoded.
+    """
+
+    def __init__(self, files: LabelledFiles, image_size: int | tuple[int, int], channels: int) -> None:
+        self.files = list(files)
+        self.size = _size_pair(image_size)
+        self.channels = channels
+        self._mode = _mode(channels)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        path, label = self.files[index]
+        return _load(path, self.size, self._mode), label
+
+
+class _ShardedBatches(torch.utils.data.Sampler[list[int]]):
+    """This rank's share of every global batch of one epoch; the epoch's order depends only on (seed, epoch)."""
+
+    def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int, drop_last: bool, rank: int,
+                 world_size: int) -> None:
+        self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
+        self.drop_last, self.rank, self.world_size = drop_last, rank, world_size
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        full, rest = divmod(self.n, self.batch_size)
+        # A last batch smaller than the number of ranks would leave some rank with nothing to do in a step the
+        # others take, so it is dropped; every rank then runs the same number of steps.
+        keep_rest = not self.drop_last and rest >= self.world_size
+        return full + 1 if keep_rest else full
+
+    def __iter__(self) -> Iterator[list[int]]:
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
+        else:
+            order = np.arange(self.n)
+        for step in range(len(self)):
+            batch = order[step * self.batch_size : (step + 1) * self.batch_size]
+            yield batch[self.rank :: self.world_size].tolist()
+
+
+class StreamingLoader:
+    """Batches of (uint8 images, int64 labels) on the target device, decoded by worker processes.
+
+    Iterating runs one epoch; each iteration starts the next epoch (a fresh permutation when shuffling) unless
+    set_epoch chose it. The order of epoch e depends only on (seed, e). With world_size > 1, rank r gets positions
+    r::world_size of each global batch of batch_size, so N ranks together follow the one-process schedule (a last
+    global batch smaller than world_size is dropped so that all ranks run the same number of steps).
+    """
+
+    def __init__(self, dataset: torch.utils.data.Dataset, *, batch_size: int, shuffle: bool, seed: int,
+                 device: str | torch.device, num_workers: int = 2, drop_last: bool = False, rank: int = 0,
+                 world_size: int = 1) -> None:
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ConfigError(f"rank must be in [0, world_size), got rank {rank} of world_size {world_size}")
+        if batch_size < world_size:
+            raise ConfigError(f"batch_size ({batch_size}) must be at least world_size ({world_size})")
+        if seed < 0:
+            raise ConfigError(f"seed must be non-negative, got {seed}")
+        self.device = torch.device(device)
+        self._batches = _ShardedBatches(len(dataset), batch_size, shuffle, seed, drop_last, rank, world_size)
+        self._epoch = 0
+        self._loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_sampler=self._batches,
+            num_workers=num_workers,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=num_workers > 0,
+        )
+
+    def set_epoch(self, epoch: int) -> None:
+        """Makes the next iteration run epoch `epoch` (for resuming)."""
+        self._epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self._batches)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self._batches.epoch = self._epoch
+        self._epoch += 1
+        try:
+            for images, labels in self._loader:
+                yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+        except DataError as e:
+            message = str(e)
+            if not message.startswith("Caught DataError"):
+                raise
+            # The re-raised worker error's traceback is in a reference cycle with it, which would keep the
+            # DataLoader's iterator alive until a garbage collection, whose finalizer then waits seconds for
+            # the workers; dropping the traceback lets the iterator shut its workers down promptly.
+            e.__traceback__ = None
+            # A worker's error arrives wrapped in its traceback text; keep the one line a user needs.
+            raise DataError(message.rstrip().splitlines()[-1].split("DataError: ", 1)[-1]) from None
+
+
+def streaming_loader(dataset: torch.utils.data.Dataset, *, batch_size: int, shuffle: bool, seed: int,
+                     device: str | torch.device, num_workers: int = 2, drop_last: bool = False, rank: int = 0,
+                     world_size: int = 1) -> StreamingLoader:
+    """A StreamingLoader over `dataset` (see there for the promises)."""
+    return StreamingLoader(dataset, batch_size=batch_size, shuffle=shuffle, seed=seed, device=device,
+                           num_workers=num_workers, drop_last=drop_last, rank=rank, world_size=world_size)
