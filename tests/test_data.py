@@ -588,3 +588,41 @@ def test_folder_dataset_streams_with_workers(image_folder: Path) -> None:
     # a reference cycle with the error and hold the workers until a garbage collection.)
     with pytest.raises(DataError, match=rf"\A{re.escape(str(broken))}: cannot decode image[^\n]*\Z"):
         list(loader)
+
+
+def _digit_folder(root, mnist_set, per_class=12):
+    """A folder of real MNIST digits as PNG files, one sub-folder per class."""
+    for label in range(3):
+        folder = root / f"class{label}"
+        folder.mkdir(parents=True)
+        idx = torch.nonzero(mnist_set.labels == label).flatten()[:per_class]
+        for i in idx.tolist():
+            write_png(mnist_set.images[i], str(folder / f"{i}.png"))
+    return root
+
+
+@pytest.mark.parametrize("loader", ["device", "streaming"])
+def test_training_on_an_image_folder_resident_or_streamed(tmp_path, loader):
+    import trainforge
+    from trainforge.data import load_data
+
+    train, _ = load_builtin("mnist", SHARED_DATA)
+    folder = _digit_folder(tmp_path / "digits", train)
+    bundle = load_data(str(folder), val_fraction=0.25, loader=loader)
+    assert (bundle.stream is not None) == (loader == "streaming")
+    assert bundle.in_channels == 1 and bundle.image_size == 28 and bundle.classes == ["class0", "class1", "class2"]
+    result = trainforge.train({"data": str(folder), "model": "linear", "epochs": 3, "batch_size": 9,
+                               "loader": loader, "workers": 0, "augment": "translate", "val_fraction": 0.25,
+                               "out": str(tmp_path / loader), "tensorboard": False}, progress=False)
+    assert result.steps == 3 * 3 and 0.0 <= result.test_acc <= 1.0
+    model = trainforge.load(tmp_path / loader)
+    assert model.classes == ["class0", "class1", "class2"]
+
+
+def test_folder_subset_larger_than_the_folder_is_an_error(tmp_path):
+    from trainforge.data import load_data
+
+    train, _ = load_builtin("mnist", SHARED_DATA)
+    folder = _digit_folder(tmp_path / "digits", train, per_class=4)
+    with pytest.raises(DataError, match="--subset 100 exceeds"):
+        load_data(str(folder), subset=100)

@@ -20,6 +20,7 @@ from trainforge.errors import ConfigError, DataError
 __all__ = [
     "FolderDataset",
     "StreamingLoader",
+    "decode_files",
     "estimate_folder_bytes",
     "infer_image_format",
     "load_image_folder",
@@ -168,7 +169,8 @@ def _load(path: pathlib.Path, size: tuple[int, int], mode: ImageReadMode) -> tor
     return image
 
 
-def _decode_all(files: LabelledFiles, size: tuple[int, int], channels: int, classes: list[str]) -> ImageSet:
+def decode_files(files: LabelledFiles, size: tuple[int, int], channels: int, classes: list[str]) -> ImageSet:
+    """Decodes `files` into one uint8 ImageSet of `channels` x size, raising DataError naming any bad file."""
     mode = _mode(channels)
     images = torch.empty((len(files), channels, *size), dtype=torch.uint8)
     for i, (path, _) in enumerate(files):
@@ -196,7 +198,7 @@ def load_image_folder(
     if val_files is None:
         train_files, val_files = split_stratified(train_files, val_fraction, seed)
     channels, size = infer_image_format(train_files, image_size=image_size, channels=channels)
-    return _decode_all(train_files, size, channels, classes), _decode_all(val_files, size, channels, classes)
+    return decode_files(train_files, size, channels, classes), decode_files(val_files, size, channels, classes)
 
 
 def estimate_folder_bytes(files: Sequence[object], image_size: int | tuple[int, int], channels: int) -> int:
