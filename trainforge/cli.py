@@ -19,17 +19,33 @@ VERBS: dict[str, tuple[str, str]] = {
     "eval": ("trainforge.eval", "evaluate a run's model on a test set"),
     "predict": ("trainforge.predict", "classify image files (PNG/JPEG/.npy) with a run's model"),
     "models": ("trainforge.models.command", "list the registered models and recipes"),
+    "finetune": ("trainforge.finetune.command", "fine-tune a pretrained model (full, linear probe, LoRA, gradual; --update)"),
+    "export": ("trainforge.deploy.export", "export a run's model to ONNX or a torch.export program, parity-checked"),
+    "serve": ("trainforge.deploy.serve", "serve a model over HTTP with dynamic batching (FastAPI + uvicorn)"),
+    "compress": ("trainforge.compress.command", "prune, distill and quantize a run's model, with a speed/size report"),
+    "tune": ("trainforge.tune.command", "search hyperparameters with Optuna on a validation split (resumable)"),
+    "report": ("trainforge.report", "write one self-contained HTML report of one run or a comparison of runs"),
+    "hw": ("trainforge.bench.hw", "show this machine's devices and measure their ceilings"),
+    "bench": ("trainforge.bench.command", "measure a model's training/inference speed and MFU per device"),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
+    """The full parser, with the options of `verb` (or of every verb when None) filled in.
+
+    Only the verb being run has its module imported: importing all of them (torchvision, onnx, fastapi, optuna...)
+    would add seconds to every command's start.
+    """
     parser = argparse.ArgumentParser(
         prog="trainforge", description="Train, fine-tune, compress and serve image classifiers, fast, on any device.")
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
-    for verb, (module_name, help_text) in VERBS.items():
+    for name, (module_name, help_text) in VERBS.items():
+        if verb is not None and name != verb:
+            sub.add_parser(name, help=help_text)
+            continue
         module = importlib.import_module(module_name)
-        verb_parser = sub.add_parser(verb, help=help_text, description=(module.__doc__ or help_text).strip(),
+        verb_parser = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
         module.configure(verb_parser)
         common = verb_parser.add_argument_group("output")
@@ -43,7 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     from .errors import TrainforgeError
 
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verb = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(verb if verb in VERBS else "")
     args = parser.parse_args(argv)
     module = importlib.import_module(args.module)
     try:

@@ -1,19 +1,62 @@
-"""torch.distributed glue: one process group per job (NCCL on CUDA, gloo on CPU), set up from torchrun's env."""
+"""torch.distributed glue: the process group, the DDP/FSDP wrappers, world-size-independent checkpoints, the launcher.
+
+A job is N processes started by torch.distributed's elastic launcher (`torchrun`, or `trainforge train --nproc N`,
+which calls the same launcher). Each process reads its rank from the launcher's environment; NCCL carries the
+collectives on CUDA and gloo on the CPU. Checkpoints always hold full, unsharded tensors and count position in
+global batches, so a run can resume on any number of processes, one included.
+
+Failure model: the launcher runs with max_restarts=0, so one dead process ends the job at once (the launcher stops
+the others), and every collective gives up after `TRAINFORGE_DIST_TIMEOUT` seconds (default 60), so a hung process
+ends it too, never silently.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import logging
 import os
+import signal
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
-# A rank that dies or hangs must end the job, not freeze it: collectives give up after this long.
-DEFAULT_TIMEOUT_S = float(os.environ.get("TRAINFORGE_DIST_TIMEOUT", 60))
+from ..errors import ConfigError, TrainingError
+
+TIMEOUT_ENV = "TRAINFORGE_DIST_TIMEOUT"
+DEFAULT_TIMEOUT_S = 60.0
+STRATEGIES = ("ddp", "fsdp")
 
 
 def env_world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", 1))
+    """The number of processes of the job this process was launched into (1 outside torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def timeout_s() -> float:
+    """How long a collective waits for the other processes before the job fails (`$TRAINFORGE_DIST_TIMEOUT`)."""
+    text = os.environ.get(TIMEOUT_ENV)
+    if text is None:
+        return DEFAULT_TIMEOUT_S
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise ConfigError(f"${TIMEOUT_ENV}: expected a positive number of seconds, got {text!r}")
+    return value
+
+
+def cpu_threads(local_world_size: int) -> int:
+    """Intra-op threads for one of `local_world_size` processes sharing this machine's cores."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, local_world_size))
 
 
 def setup(device: torch.device) -> tuple[int, int]:
@@ -22,10 +65,15 @@ def setup(device: torch.device) -> tuple[int, int]:
     if world <= 1:
         return 0, 1
     if not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=DEFAULT_TIMEOUT_S))
+            # `--device cuda` names no GPU: each process of a machine takes the one of its local rank.
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            torch.cuda.set_device(device.index if device.index is not None else local % torch.cuda.device_count())
+        else:
+            # N processes each using every core would oversubscribe the machine N-fold.
+            torch.set_num_threads(cpu_threads(int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))))
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s()))
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -35,11 +83,244 @@ def teardown() -> None:
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sums `tensor` in place across the processes of the job (a no-op in a single process)."""
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def mean_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    """Replaces `tensor` in place by its mean over the processes of the job (gloo has no AVG reduction)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        tensor /= dist.get_world_size()
     return tensor
 
 
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+# --- model wrappers ----------------------------------------------------------------------------------------------
+
+def _fully_shard() -> Any:
+    try:
+        from torch.distributed.fsdp import fully_shard  # torch >= 2.6
+    except ImportError:
+        from torch.distributed._composable.fsdp import fully_shard  # torch 2.5
+    return fully_shard
+
+
+def _fsdp_module_type() -> type:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        from torch.distributed._composable.fsdp import FSDPModule
+    return FSDPModule
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether `model` was sharded with FSDP (its parameters are DTensor shards)."""
+    # Sharding needs a process group; without one, skip importing FSDP at all.
+    return dist.is_available() and dist.is_initialized() and isinstance(model, _fsdp_module_type())
+
+
+def shard_units(model: nn.Module) -> list[nn.Module]:
+    """The blocks FSDP gathers one at a time: each parameter-holding child of the network, and the children of a
+    child that is a container of blocks (a torchvision `layerN`, a `features` Sequential)."""
+    net = getattr(model, "net", model)
+    units: list[nn.Module] = []
+    for child in net.children():
+        if not any(True for _ in child.parameters()):
+            continue
+        blocks = [b for b in child.children() if any(True for _ in b.parameters())]
+        if isinstance(child, (nn.Sequential, nn.ModuleList)) and len(blocks) > 1:
+            units.extend(blocks)
+        else:
+            units.append(child)
+    return units
+
+
+def wrap(model: nn.Module, strategy: str, device: torch.device, world: int) -> nn.Module:
+    """The module the training step calls: `model` itself in one process, a DDP wrapper around it, or `model`
+    sharded in place by FSDP (`fully_shard`). Must run before the optimizer is built: FSDP replaces parameters."""
+    if strategy not in STRATEGIES:
+        raise ConfigError(f"--strategy: expected one of {', '.join(STRATEGIES)}, got {strategy!r}")
+    if world <= 1:
+        return model
+    if strategy == "ddp":
+        return nn.parallel.DistributedDataParallel(
+            model, device_ids=[torch.cuda.current_device()] if device.type == "cuda" else None)
+    from torch.distributed.device_mesh import init_device_mesh
+
+    fully_shard = _fully_shard()
+    # An explicit mesh: FSDP's default one is on the accelerator even when the run was told --device cpu.
+    mesh = init_device_mesh(device.type, (world,))
+    for unit in shard_units(model):
+        fully_shard(unit, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def loss_weight(local_count: int, global_count: int, world: int) -> float:
+    """Factor on a rank's mean loss that makes the ranks' averaged gradients equal the global batch's mean gradient,
+    also when the last batch splits unevenly (DDP and FSDP average gradients over ranks, not over samples)."""
+    return local_count * world / global_count
+
+
+# --- world-size-independent checkpoints -------------------------------------------------------------------------
+
+def _full_options() -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The full (unsharded) state dict of `model`. Under FSDP this is a collective that every rank must call, and
+    only rank 0 receives the tensors (on the CPU); other ranks get an empty dict."""
+    if not is_sharded(model):
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(model, options=_full_options())
+
+
+def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """`optimizer.state_dict()` in its ordinary single-process form, gathered from the shards under FSDP (a
+    collective; rank 0 gets it, other ranks an empty dict)."""
+    if not is_sharded(model):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    by_name = get_optimizer_state_dict(model, optimizer, options=_full_options())
+    if not by_name:
+        return {}
+    # get_optimizer_state_dict keys parameters by name; the ordinary form numbers them in param_groups order.
+    index: dict[str, int] = {}
+    groups = []
+    for group in by_name["param_groups"]:
+        groups.append({**group, "params": [index.setdefault(name, len(index)) for name in group["params"]]})
+    return {"state": {index[name]: value for name, value in by_name["state"].items()}, "param_groups": groups}
+
+
+def load_model_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Loads a full state dict into `model`, sharded or not (every rank passes the same full dict)."""
+    if not is_sharded(model):
+        from .. import runs
+
+        runs.load_state_dict_strict(model, state, runs.STATE_FILE)
+        return
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+    )
+
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=True))
+
+
+def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Loads an ordinary `optimizer.state_dict()` (as `optimizer_state` writes it) into a sharded or plain run."""
+    if not is_sharded(model):
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_optimizer_state_dict,
+    )
+
+    names = {id(p): name for name, p in model.named_parameters()}
+    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    saved_groups = state["param_groups"]
+    if sum(len(g["params"]) for g in saved_groups) != len(order) or len(saved_groups) != len(optimizer.param_groups):
+        raise ValueError("the checkpoint's optimizer holds a different set of parameters")
+    by_name = {
+        "state": {order[i]: value for i, value in state["state"].items()},
+        "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in saved_groups],
+    }
+    set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
+
+
+# --- failures ------------------------------------------------------------------------------------------------------
+
+_TRANSPORT_MARKERS = ("gloo", "nccl", "c10d", "processgroup", "connection reset", "connection closed", "timed out")
+
+
+@contextlib.contextmanager
+def peer_failures_as_errors() -> Iterator[None]:
+    """In a process of a multi-process job, turns a collective that failed because another process died, hung or
+    lost its connection into a one-line TrainingError (the launcher then ends the job)."""
+    try:
+        yield
+    except RuntimeError as exc:
+        # DDP's reducer reports a broken gloo/NCCL connection as a plain RuntimeError, not a DistError.
+        if env_world_size() <= 1 or (not isinstance(exc, dist.DistError)
+                                     and not any(m in str(exc).lower() for m in _TRANSPORT_MARKERS)):
+            raise
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise TrainingError(f"process {os.environ.get('RANK', '?')} of {env_world_size()} lost contact with the "
+                            f"others (another process died or hung; collectives wait {timeout_s():g} s, "
+                            f"${TIMEOUT_ENV}): {first}") from None
+
+
+def _describe_failure(rank: int, failure: Any, world: int) -> str:
+    code = failure.exitcode
+    if code is not None and code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"process {rank} of {world} was killed by {name}"
+    return f"process {rank} of {world} exited with status {code}"
+
+
+@contextlib.contextmanager
+def _quiet_launcher(enabled: bool) -> Iterator[None]:
+    """Silences the launcher's own multi-line log records (we report failures in one line) unless debugging."""
+    if not enabled:
+        yield
+        return
+    loggers = [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)
+               if name.startswith("torch.distributed")]
+    loggers.append(logging.getLogger("torch.distributed"))
+    saved = [(lg, lg.level) for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for lg, level in saved:
+            lg.setLevel(level)
+
+
+def launch(nproc: int, argv: Sequence[str], *, debug: bool = False) -> None:
+    """Runs `python -m trainforge ARGV` as `nproc` local processes through torch.distributed's elastic launcher
+    (what `torchrun --standalone --nproc-per-node NPROC --max-restarts 0 -m trainforge ARGV` does).
+
+    Returns when every process has succeeded; raises TrainingError naming the process that failed first otherwise.
+    The processes share this process's stdout and stderr.
+    """
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    if nproc < 1:
+        raise ConfigError(f"--nproc: expected a number of processes >= 1, got {nproc}")
+    launcher_args = torchrun.parse_args(["--standalone", f"--nproc-per-node={nproc}", "--max-restarts=0",
+                                         "--module", "trainforge", *argv])
+    saved_threads = os.environ.get("OMP_NUM_THREADS")
+    if saved_threads is None:
+        # Set before the workers import torch, so their thread pools start at their share of the cores.
+        os.environ["OMP_NUM_THREADS"] = str(cpu_threads(nproc))
+    try:
+        with _quiet_launcher(not debug):
+            torchrun.run(launcher_args)
+    except ChildFailedError as exc:
+        first_rank, first = exc.get_first_failure()
+        others = sorted(r for r in exc.failures if r != first_rank)
+        more = f"; then {', '.join(_describe_failure(r, exc.failures[r], nproc) for r in others)}" if others else ""
+        raise TrainingError(f"{_describe_failure(first_rank, first, nproc)}, which ended the job{more} "
+                            f"(its own error, if it printed one, is above)") from None
+    finally:
+        if saved_threads is None:
+            os.environ.pop("OMP_NUM_THREADS", None)

@@ -27,6 +27,7 @@ from ..errors import CheckpointError, ConfigError, TrainingError
 from ..models import build_classifier
 from . import distributed, recipes
 from .device import autocast, configure_backends, configure_host_allocator, resolve_device, resolve_precision, synchronize
+from .monitor import Monitor
 from .progress import ProgressReporter
 
 
@@ -107,7 +108,12 @@ def train(config: cfg.TrainConfig | dict | None = None, *, resume: str | os.Path
     test_labels = bundle.test.labels.to(device)
     steps_per_epoch = len(train_loader)
     total_steps = max(1, math.ceil(config.epochs * steps_per_epoch))
+    n_train = len(bundle.train.labels)  # also for a streamed set, whose images stay on disk
+    # Counts the FLOPs per sample now, while `model` is still whole (FSDP shards it below).
+    monitor = Monitor(model, test_images[:1], device, precision, world_size=world, sample_gpu=rank == 0)
 
+    # DDP, or FSDP sharding `model` in place; before the optimizer is built, as FSDP replaces the parameters.
+    step_model = distributed.wrap(model, config.strategy, device, world)
     groups = param_groups(model) if param_groups else [{"params": [p for p in model.parameters() if p.requires_grad]}]
     optimizer = make_optimizer(config, groups, device)
     scheduler = make_scheduler(config, optimizer, total_steps)
@@ -117,7 +123,7 @@ def train(config: cfg.TrainConfig | dict | None = None, *, resume: str | os.Path
     run_dir = Path(config.out) if config.out else _default_run_dir()
     is_main = rank == 0
     if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        _make_run_dir(run_dir)
         runs.write_text(run_dir / runs.CONFIG_FILE, cfg.dumps(dataclasses.replace(config, out=str(run_dir))))
         runs.write_json(run_dir / runs.MODEL_INFO, dataclasses.asdict(info))
 
@@ -129,15 +135,13 @@ def train(config: cfg.TrainConfig | dict | None = None, *, resume: str | os.Path
         position.update(state["position"])
         metrics = list(state["metrics"])
 
-    step_model: nn.Module = model
-    if world > 1:
-        step_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
     if config.compile:
         step_model = torch.compile(step_model)
 
     writer = _tensorboard(run_dir, position["global_step"]) if is_main and config.tensorboard else None
     checkpointer = Checkpointer(run_dir, config, is_main)
+    if state is not None:
+        checkpointer.last_step = position["global_step"]
     reporter = ProgressReporter(enabled=progress and is_main, total_steps=total_steps,
                                 samples_per_step=config.batch_size)
     # On the CPU a host read of the loss costs nothing, so every step is checked; on a GPU the read would stall the
@@ -145,10 +149,13 @@ def train(config: cfg.TrainConfig | dict | None = None, *, resume: str | os.Path
     check_every = 1 if device.type == "cpu" or config.skip_nonfinite else max(1, steps_per_epoch // 8)
 
     num_epochs = math.ceil(total_steps / steps_per_epoch)
-    result_acc, result_loss, stopped_early = float("nan"), float("nan"), False
+    # A run killed after its last epoch's checkpoint resumes straight to the end: its result is that epoch's.
+    result_acc, result_loss = (metrics[-1]["test_acc"], metrics[-1]["test_loss"]) if metrics else (math.nan, math.nan)
+    stopped_early = False
     synchronize(device)
     started = time.perf_counter() - position["elapsed"]
     reporter.start(position["global_step"])
+    monitor.start()
     try:
         for epoch in range(position["epoch"], num_epochs):
             model.train()
@@ -163,8 +170,12 @@ def train(config: cfg.TrainConfig | dict | None = None, *, resume: str | os.Path
                 with autocast(device, precision):
                     logits = step_model(images)
                     loss = criterion(logits.float(), labels, images)
+                if world > 1:
+                    global_count = min(config.batch_size, n_train - step * config.batch_size)
+                    loss = loss * distributed.loss_weight(len(labels), global_count, world)
                 optimizer.zero_grad(set_to_none=True)
-                if config.skip_nonfinite and not _finite(loss):
+                # Summed over ranks, so that all of them skip (or not) together.
+                if config.skip_nonfinite and not _finite(distributed.all_reduce_sum(loss.detach().clone())):
                     position["skips"] += 1
                     scheduler.step()
                     _advance(position, step)
@@ -194,6 +205,7 @@ def train(config: cfg.TrainConfig | dict | None = None, *, resume: str | os.Path
                     position["elapsed"] = time.perf_counter() - started
                     checkpointer.save(model, optimizer, scheduler, scaler, position, metrics)
             _flush_loss(position, loss_sum, check_every, checkpointer)
+            train_phase_seconds = time.perf_counter() - epoch_start  # the flush above synchronized the device
             train_loss = position["loss_sum"] / max(1, position["loss_count"])
 
             test_acc, test_loss = evaluate(model, test_images, test_labels, config.eval_batch_size, device, precision,
@@ -208,13 +220,12 @@ def train(config: cfg.TrainConfig | dict | None = None, *, resume: str | os.Path
                       "epoch_seconds": epoch_seconds,
                       "samples_per_second": (epoch_steps - first_step) * config.batch_size / epoch_seconds,
                       "elapsed_seconds": position["elapsed"]}
-            if device.type == "cuda":
-                record["max_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
+            record.update(monitor.epoch_stats((epoch_steps - first_step) * config.batch_size, train_phase_seconds))
             metrics.append(record)
             reporter.epoch_done(record)
             if writer is not None:
                 for key, value in record.items():
-                    if key not in ("epoch", "step"):
+                    if key not in ("epoch", "step") and value is not None:
                         writer.add_scalar(key, value, position["global_step"])
                 writer.flush()
             stop = config.target_acc is not None and test_acc >= config.target_acc
@@ -225,6 +236,7 @@ def train(config: cfg.TrainConfig | dict | None = None, *, resume: str | os.Path
                 break
     finally:
         reporter.close()
+        monitor.close()
         if writer is not None:
             writer.close()
 
@@ -236,8 +248,9 @@ def train(config: cfg.TrainConfig | dict | None = None, *, resume: str | os.Path
         train_seconds=train_seconds, samples_per_second=samples / train_seconds if train_seconds > 0 else 0.0,
         device=str(device), precision=precision, world_size=world, run_dir=str(run_dir) if is_main else None,
         nonfinite_skips=position["skips"], stopped_early=stopped_early)
+    final_state = distributed.model_state(model)  # a collective under FSDP
     if is_main:
-        runs.save_weights(run_dir / runs.MODEL_FILE, model.state_dict())
+        runs.save_weights(run_dir / runs.MODEL_FILE, final_state)
         runs.write_json(run_dir / runs.SUMMARY_FILE, result.to_dict())
     distributed.barrier()
     return result
@@ -249,8 +262,9 @@ def _advance(position: dict[str, Any], step: int) -> None:
 
 
 def _flush_loss(position: dict[str, Any], loss_sum: torch.Tensor, window: int, checkpointer: "Checkpointer") -> None:
-    """Moves the device-side loss sum to the host, stopping the run if it is no longer finite."""
-    position["loss_sum"] += float(loss_sum)
+    """Moves the device-side loss sum (averaged over ranks: the global batches' mean) to the host, stopping the
+    run if it is no longer finite."""
+    position["loss_sum"] += float(distributed.mean_over_ranks(loss_sum))
     loss_sum.zero_()
     if not math.isfinite(position["loss_sum"]):
         _raise_nonfinite(position, window, checkpointer)
@@ -272,8 +286,10 @@ def _raise_nonfinite(position: dict[str, Any], window: int, checkpointer: "Check
     step = position["global_step"]
     where = f"at step {step}" if window == 1 else f"between steps {max(1, step - window + 1)} and {step}"
     last = checkpointer.describe_last()
-    raise TrainingError(f"the loss became NaN/Inf {where}; {last}. Lower --lr, or pass --skip-nonfinite "
-                        f"to skip such steps")
+    # Non-finite gradients are not checked per step (that would cost a device sync); they poison the weights and
+    # so show up as a non-finite loss one step later.
+    raise TrainingError(f"the loss became NaN/Inf {where}; {last} (NaN/Inf gradients surface here one step "
+                        f"later). Lower --lr, or pass --skip-nonfinite to skip such steps")
 
 
 def _cross_entropy(label_smoothing: float) -> LossFn:
@@ -359,16 +375,18 @@ class Checkpointer:
     def save(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any,
              position: dict[str, Any], metrics: list[dict[str, Any]], epoch_end: bool = False) -> None:
         self.last_time = time.monotonic()
+        # Under FSDP gathering the full states is a collective: every rank takes part, rank 0 writes.
+        model_state = distributed.model_state(model)
+        optimizer_state = distributed.optimizer_state(model, optimizer)
         if not self.enabled:
             return
-        model_state = model.state_dict()
         if not all(torch.isfinite(t).all() for t in model_state.values() if t.is_floating_point()):
             raise TrainingError(f"the weights hold NaN/Inf at step {position['global_step']}; not overwriting the "
                                 f"checkpoint. {self.describe_last()}")
         state = {
             "format": 1,
             "model": {k: v.detach().cpu() for k, v in model_state.items()},
-            "optimizer": optimizer.state_dict(),
+            "optimizer": optimizer_state,
             "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
             "rng_cpu": torch.get_rng_state(),
@@ -377,18 +395,24 @@ class Checkpointer:
             "metrics": metrics,
             "config": cfg.to_dict(self.config),
         }
-        runs.save_state(self.run_dir / runs.STATE_FILE, state)
-        if epoch_end:
-            runs.write_metrics(self.run_dir, metrics)
-            runs.save_weights(self.run_dir / runs.MODEL_FILE, model_state)
-        self.last_step = position["global_step"]
+        try:
+            runs.save_state(self.run_dir / runs.STATE_FILE, state)
+            self.last_step = position["global_step"]
+            if epoch_end:
+                runs.write_metrics(self.run_dir, metrics)
+                runs.save_weights(self.run_dir / runs.MODEL_FILE, model_state)
+        except CheckpointError as exc:
+            resume = (f"once it is writable again, continue with --resume {self.run_dir}" if self.last_step is not None
+                      else "nothing to resume from")
+            raise TrainingError(f"stopped at step {position['global_step']}: {exc}; {self.describe_last()}; "
+                                f"{resume}") from None
 
 
 def _restore(state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any,
              device: torch.device) -> None:
     try:
-        runs.load_state_dict_strict(model, state["model"], runs.STATE_FILE)
-        optimizer.load_state_dict(state["optimizer"])
+        distributed.load_model_state(model, state["model"])
+        distributed.load_optimizer_state(model, optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
@@ -412,9 +436,45 @@ def _load_resume(run_dir: Path, overrides: cfg.TrainConfig) -> tuple[cfg.TrainCo
     changed = {k: v for k, v in cfg.to_dict(overrides).items() if v != defaults[k]}
     config = cfg.merge(cfg.TrainConfig, cfg.to_dict(saved), changed, {"out": str(run_dir)}, source=str(config_path))
     state = runs.safe_torch_load(state_path)
-    if not isinstance(state, dict) or "position" not in state or "model" not in state:
-        raise CheckpointError(f"{state_path}: not a trainforge checkpoint")
+    _check_state(state, state_path)
     return config, state
+
+
+_POSITION_TYPES = {"epoch": int, "step_in_epoch": int, "global_step": int, "elapsed": (int, float), "skips": int,
+                   "loss_sum": (int, float), "loss_count": int}
+
+
+def _check_state(state: Any, path: Path) -> None:
+    """Raises CheckpointError, naming `path`, unless `state` has the layout `Checkpointer.save` writes."""
+    def fail(why: str) -> None:
+        raise CheckpointError(f"{path}: not a trainforge checkpoint ({why})")
+
+    if not isinstance(state, dict):
+        fail(f"expected a mapping, found {type(state).__name__}")
+    for key, kind in (("model", dict), ("optimizer", dict), ("scheduler", dict), ("position", dict),
+                      ("metrics", list), ("rng_cpu", torch.Tensor)):
+        if not isinstance(state.get(key), kind):
+            fail(f"'{key}' is missing or not a {kind.__name__}")
+    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state["model"].items()):
+        fail("'model' must map parameter names to tensors")
+    for key, kind in _POSITION_TYPES.items():
+        value = state["position"].get(key)
+        if isinstance(value, bool) or not isinstance(value, kind) or value < 0:
+            fail(f"position '{key}' is {value!r}, expected a non-negative number")
+    if not all(isinstance(m, dict) and isinstance(m.get("test_acc"), (int, float))
+               and isinstance(m.get("test_loss"), (int, float)) for m in state["metrics"]):
+        fail("'metrics' must be a list of per-epoch records with test_acc and test_loss")
+
+
+def _make_run_dir(run_dir: Path) -> None:
+    """Creates the run directory (or reuses it), clearing temporaries a killed run left behind."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--out {run_dir}: is a file, expected a run directory (or a path to create one at)")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"--out {run_dir}: cannot create the run directory ({exc.strerror or exc})") from None
+    runs.remove_stale_temporaries(run_dir)
 
 
 def _default_run_dir() -> Path:

@@ -52,9 +52,21 @@ class ProgressReporter:
             return
         self.progress.update(self.task, completed=record["step"],
                              metrics=f"epoch {record['epoch']} loss {record['train_loss']:.4f} "
-                                     f"test acc {record['test_acc']:.4f}")
+                                     f"test acc {record['test_acc']:.4f}{_monitor_text(record)}")
 
     def close(self) -> None:
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
+
+
+def _monitor_text(record: dict[str, Any]) -> str:
+    """The live-monitoring figures of an epoch record (train/monitor.py), those that are known."""
+    parts = []
+    if record.get("mfu") is not None:
+        parts.append(f"MFU {100 * record['mfu']:.1f}%")
+    if record.get("max_memory_mb") is not None:
+        parts.append(f"peak mem {record['max_memory_mb']:,.0f} MiB")
+    if record.get("gpu_util_percent") is not None:
+        parts.append(f"GPU {record['gpu_util_percent']:.0f}% {record['gpu_power_watts']:.0f} W")
+    return "".join(f" {p}" for p in parts)

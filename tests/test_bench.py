@@ -1,0 +1,207 @@
+"""`trainforge hw`, `trainforge bench` and live training monitoring, on this machine's CPU with real MNIST."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import pytest
+import torch
+from conftest import run_cli
+
+from trainforge.bench import cache, hw
+from trainforge.bench.command import bench, print_table
+from trainforge.bench.flops import count_flops
+from trainforge.errors import ConfigError
+from trainforge.models import build_classifier
+
+
+def last_json(proc) -> dict:
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def measured_cache(tmp_path_factory) -> dict:
+    """A hardware cache filled by `trainforge hw --measure --json`, and that command's output."""
+    cache_dir = tmp_path_factory.mktemp("hwcache")
+    report = last_json(run_cli("hw", "--measure", "--json", env={"TRAINFORGE_CACHE": str(cache_dir)}))
+    return {"dir": cache_dir, "report": report}
+
+
+def test_hw_json_reports_cpu_fields_null_gpu_fields_and_the_cached_ceilings(measured_cache):
+    report = last_json(run_cli("hw", "--json", env={"TRAINFORGE_CACHE": str(measured_cache["dir"])}))
+    cpu = report["cpu"]
+    assert cpu["model"] and cpu["logical_cpus"] >= 1 and cpu["physical_cores"] >= 1
+    assert cpu["isa"] in ("AMX", "AVX-512", "AVX2", "AVX", "SVE", "NEON", "baseline")
+    assert cpu["torch_threads"] == torch.get_num_threads()
+    assert cpu["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    if not torch.cuda.is_available():
+        assert report["cuda"] is None
+    measured = measured_cache["report"]
+    assert report["ceilings"] == measured["ceilings"] and report["measured_at"] == measured["measured_at"]
+
+
+def test_hw_measure_writes_the_per_machine_cache(measured_cache, tmp_path, monkeypatch, capsys):
+    report = measured_cache["report"]
+    cpu = report["ceilings"]["cpu"]
+    assert set(cpu["matmul_flops"]) == {"fp32", "bf16"}
+    assert all(v > 0 for v in cpu["matmul_flops"].values())
+    assert cpu["memory_bandwidth"] > 0
+    assert "host_to_device" not in cpu  # host<->device copies are measured on CUDA devices only
+    cache_files = list(measured_cache["dir"].glob("hw-*.json"))
+    assert [str(p) for p in cache_files] == [report["cache_file"]]
+    monkeypatch.setenv("TRAINFORGE_CACHE", str(measured_cache["dir"]))
+    hw.run(argparse.Namespace(measure=False, json=False, quiet=False))
+    human = capsys.readouterr().out
+    assert "AVX" in human or "NEON" in human or "baseline" in human
+    assert "fp32 matmul" in human and "FLOP/s" in human and report["cache_file"] in human.replace("\n", "")
+    # Another cache directory holds no measurement of this machine.
+    monkeypatch.setenv("TRAINFORGE_CACHE", str(tmp_path))
+    empty = hw.run(argparse.Namespace(measure=False, json=True, quiet=True))
+    assert empty["ceilings"] is None and empty["cache_file"] is None and empty["cpu"] == report["cpu"]
+
+
+def test_cpu_matmul_ceiling_is_within_30_percent_of_a_plain_timing_loop():
+    # The machine is shared, so one pair of back-to-back timings can be disturbed by a neighbour: the relation
+    # must hold in at least one of three attempts.
+    device, n = torch.device("cpu"), hw.MATMUL_SIZE["cpu"]
+    ratios = []
+    for _ in range(3):
+        ceiling = hw.measure_matmul(device, "fp32", seconds=0.4)
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        torch.matmul(a, b)
+        iterations = 8
+        start = time.perf_counter()
+        for _ in range(iterations):
+            torch.matmul(a, b)
+        plain = 2 * n ** 3 * iterations / (time.perf_counter() - start)
+        ratios.append(ceiling / plain)
+        if 0.7 <= ratios[-1] <= 1.3:
+            return
+    pytest.fail(f"measured ceiling / plain matmul loop = {ratios}, never within 30%")
+
+
+def test_flop_count_of_linear_is_the_hand_count_and_leaves_the_model_alone():
+    model = build_classifier("linear", 10, 1, 28, (0.1307,), (0.3081,))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    count = count_flops(model, torch.zeros(5, 1, 28, 28, dtype=torch.uint8))
+    # One 784x10 matmul per sample: 2*784*10 forward; the weight gradient doubles it (no input gradient).
+    assert count.forward == 2 * 784 * 10 == 15680
+    assert count.train == 2 * count.forward == 31360
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+    cnn = build_classifier("cnn", 10, 1, 28, (0.1307,), (0.3081,))
+    cnn_count = count_flops(cnn, torch.zeros(2, 1, 28, 28, dtype=torch.uint8))
+    # The first conv alone: 28*28 positions x 32 channels x 9 taps, 2 FLOPs each; backward costs about 2x forward.
+    assert cnn_count.forward > 2 * 28 * 28 * 32 * 9
+    assert 2 * cnn_count.forward < cnn_count.train < 3 * cnn_count.forward
+    assert cnn.net[0][1].num_batches_tracked.item() == 0  # BatchNorm statistics untouched
+
+
+def test_bench_linear_reports_exact_flops_mfu_and_a_plot(measured_cache, tmp_path, capsys):
+    plot = tmp_path / "bench.png"
+    result = last_json(run_cli("bench", "--model", "linear", "--device", "cpu", "--batch-size", "64", "256",
+                               "--steps", "3", "--warmup", "1", "--plot", str(plot), "--json",
+                               env={"TRAINFORGE_CACHE": str(measured_cache["dir"])}))
+    assert result["flops_per_sample"] == {"forward": 15680, "train": 31360}
+    assert [r["batch_size"] for r in result["results"]] == [64, 256]
+    ceiling = measured_cache["report"]["ceilings"]["cpu"]["matmul_flops"]["fp32"]
+    for row in result["results"]:
+        assert row["device"] == "cpu" and row["precision"] == "32" and row["ceiling_dtype"] == "fp32"
+        assert row["ceiling_flops_per_second"] == pytest.approx(ceiling)
+        assert row["train_flops_per_second"] == pytest.approx(31360 * row["train_samples_per_second"])
+        assert row["train_mfu"] == pytest.approx(row["train_flops_per_second"] / ceiling)
+        assert row["inference_mfu"] == pytest.approx(15680 * row["inference_samples_per_second"] / ceiling)
+        assert row["train_speedup_vs_cpu"] == row["inference_speedup_vs_cpu"] == 1.0
+        assert row["train_step_ms"] > 0 and row["inference_batch_ms_p90"] >= row["inference_batch_ms"]
+    assert result["plot"] == str(plot) and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    print_table(result)
+    table = capsys.readouterr().out
+    assert "linear on mnist" in table and "15,680" in table and table.count("1.0x") == 4
+
+
+def test_bench_cnn_reports_mfu_on_this_cpu(measured_cache, monkeypatch):
+    # In-process (the CLI path is covered above), which spares a second interpreter start on a busy machine.
+    monkeypatch.setenv("TRAINFORGE_CACHE", str(measured_cache["dir"]))
+    result = bench("cnn", devices=["cpu"], precisions=["32", "fp16"], batch_sizes=[32], steps=2, warmup=1)
+    (row,) = result["results"]
+    assert 0 < row["train_mfu"] < 1 and 0 < row["inference_mfu"] < 1
+    assert result["flops_per_sample"]["train"] > result["flops_per_sample"]["forward"] > 0
+    # fp16 does not exist on the CPU: skipped and said why, not fatal.
+    assert [(s["device"], s["precision"]) for s in result["skipped"]] == [("cpu", "fp16")]
+
+
+def test_user_mistakes_raise_errors_that_name_the_value(tmp_path):
+    from trainforge.bench.command import plot
+
+    with pytest.raises(ConfigError, match="directory .*missing does not exist"):
+        plot({"results": []}, tmp_path / "missing" / "bench.png")
+    with pytest.raises(ConfigError, match="cannot write the hardware cache"):
+        (tmp_path / "file").write_text("not a directory")
+        cache.write_cache({"ceilings": {}}, tmp_path / "file" / "hw.json")
+    with pytest.raises(ConfigError, match="--steps must be >= 1, got 0"):
+        bench("linear", devices=["cpu"], steps=0)
+    with pytest.raises(ConfigError, match="--batch-size 100000 is larger than the 60000 training images of mnist"):
+        bench("linear", devices=["cpu"], batch_sizes=[100000])
+    with pytest.raises(ConfigError, match="no combination of --device and --precision can run here"):
+        bench("linear", devices=["cpu"], precisions=["fp16"])
+
+
+def test_training_records_monitoring_fields(measured_cache, tmp_path, monkeypatch, data_root):
+    import trainforge
+    from trainforge.data import load_data
+
+    bundle = load_data("mnist", str(data_root), subset=1024)
+    config = {"model": "linear", "epochs": 1, "batch_size": 256}
+
+    monkeypatch.setenv("TRAINFORGE_CACHE", str(tmp_path / "empty"))
+    trainforge.train({**config, "out": str(tmp_path / "unmeasured")}, data=bundle, progress=False)
+    (record,) = [json.loads(line) for line in (tmp_path / "unmeasured" / "metrics.jsonl").read_text().splitlines()]
+    assert record["mfu"] is None  # no ceiling cached: no MFU, and TensorBoard skipped the null
+    assert record["flops_per_second"] == pytest.approx(31360 * record["train_samples_per_second"])
+    assert record["memory_mb"] > 0 and record["max_memory_mb"] > 0
+
+    monkeypatch.setenv("TRAINFORGE_CACHE", str(measured_cache["dir"]))
+    trainforge.train({**config, "out": str(tmp_path / "measured"), "tensorboard": False}, data=bundle,
+                     progress=False)
+    (record,) = [json.loads(line) for line in (tmp_path / "measured" / "metrics.jsonl").read_text().splitlines()]
+    ceiling = cache.lookup_ceiling(torch.device("cpu"), "32")
+    assert ceiling == measured_cache["report"]["ceilings"]["cpu"]["matmul_flops"]["fp32"]
+    assert record["mfu"] == pytest.approx(record["flops_per_second"] / ceiling)
+    assert record["train_samples_per_second"] >= record["samples_per_second"]  # the latter includes evaluation
+
+
+def test_nvml_sampler_averages_utilization_and_power_per_epoch(monkeypatch):
+    # No GPU here: a stand-in for the nvidia-ml-py module exercises the sampling thread and its per-epoch means.
+    import sys
+    import types
+
+    from trainforge.train import monitor
+
+    calls = []
+    readings = iter([(40, 100_000), (60, 140_000)] + [(50, 120_000)] * 100_000)  # (utilization %, power mW)
+    power = [0]
+
+    def utilization(handle):
+        util, power[0] = next(readings)
+        return types.SimpleNamespace(gpu=util)
+
+    fake = types.SimpleNamespace(
+        NVMLError=RuntimeError, nvmlInit=lambda: calls.append("init"), nvmlShutdown=lambda: calls.append("shutdown"),
+        nvmlDeviceGetUtilizationRates=utilization, nvmlDeviceGetPowerUsage=lambda handle: power[0])
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    monkeypatch.setattr(monitor, "_nvml_handle", lambda pynvml, device: "handle")
+    monkeypatch.setattr(monitor, "NVML_INTERVAL_S", 0.001)
+    sampler = monitor._NvmlSampler(torch.device("cuda", 0))
+    assert sampler.drain() == {"gpu_util_percent": None, "gpu_power_watts": None, "gpu_power_max_watts": None}
+    sampler.start()
+    deadline = time.monotonic() + 10
+    while len(sampler.samples) < 2 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    sampler.close()
+    stats = sampler.drain()
+    assert stats["gpu_power_max_watts"] == 140.0
+    assert 40 <= stats["gpu_util_percent"] <= 60 and 100 <= stats["gpu_power_watts"] <= 140
+    assert calls == ["init", "shutdown"] and sampler.drain()["gpu_util_percent"] is None

@@ -1,0 +1,352 @@
+"""Show this machine's devices and, with --measure, its measured ceilings (cached for `bench` and training's MFU).
+
+Reported: the CPU (model, cores, ISA level, the threads torch uses) and every CUDA GPU (name, compute capability,
+memory, SM count, driver/CUDA/cuDNN/NCCL versions, bf16 and TF32 support, which GPUs can reach each other's memory
+directly, whether the CUDA multi-process service is running); Apple MPS when present. GPU fields are null on a
+machine without one.
+
+--measure runs short micro-benchmarks (a few seconds per device): matmul FLOP/s per dtype (fp32 and bf16 on the CPU;
+fp32, tf32, bf16 and fp16 on a GPU), memory bandwidth of a large on-device copy (bytes read + written), and on CUDA
+host<->device copy bandwidth from pinned and from pageable memory. The result is cached per machine in
+$TRAINFORGE_CACHE (default ~/.cache/trainforge) and read by `trainforge bench` and by training's live MFU.
+
+Examples:
+  trainforge hw                     # what this machine has (and its cached ceilings, if measured)
+  trainforge hw --measure           # measure the ceilings and cache them
+  trainforge hw --measure --json    # the same, as one JSON object
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import socket
+import statistics
+import time
+from typing import Any, Callable
+
+import torch
+
+from ..train.device import synchronize
+from . import cache
+
+# Matrix sides of the matmul ceiling: big enough that the kernel, not the call overhead, sets the rate (a 1024 fp32
+# matmul is 2 GFLOP, ~50 ms on two CPU cores; an 8192 one is 1.1 TFLOP, ~1 ms in bf16 on an H100-class GPU).
+MATMUL_SIZE = {"cpu": 1024, "cuda": 8192, "mps": 4096}
+# Bytes of each side of the bandwidth copies: far beyond any cache, yet a small share of device memory.
+COPY_BYTES = {"cpu": 256 * 2 ** 20, "cuda": 2 ** 30, "mps": 256 * 2 ** 20}
+HOST_COPY_BYTES = 256 * 2 ** 20
+# Each figure is the median of a few timed blocks: the rate the device sustains, which one block disturbed by a
+# neighbour (or one lucky block on a shared machine) does not move.
+BLOCKS = 5
+SECONDS_PER_FIGURE = 0.5
+ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "avx512_fp16", "amx_tile",
+             "amx_bf16", "amx_int8", "asimd", "sve")
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--measure", action="store_true",
+                        help="run the micro-benchmarks (a few seconds per device) and cache their results")
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    report = inspect()
+    if args.measure:
+        show = not (args.json or args.quiet)
+        ceilings = measure_all(progress=show)
+        record = {"measured_at": timestamp(), "machine": report, "ceilings": ceilings}
+        report["cache_file"] = str(cache.write_cache(record))
+        report["measured_at"], report["ceilings"] = record["measured_at"], ceilings
+    else:
+        cached = cache.read_cache()
+        report["cache_file"] = str(cache.cache_path()) if cached else None
+        report["measured_at"] = cached["measured_at"] if cached else None
+        report["ceilings"] = cached["ceilings"] if cached else None
+    if not (args.json or args.quiet):
+        _print_report(report)
+    return report
+
+
+def inspect() -> dict[str, Any]:
+    """Facts about the CPU, the CUDA GPUs (None without CUDA) and Apple MPS (None where absent); measures nothing."""
+    return {"host": socket.gethostname(), "machine_key": cache.machine_key(), "python": platform.python_version(),
+            "torch": torch.__version__, "cpu": cpu_info(), "cuda": cuda_info(), "mps": mps_info()}
+
+
+def cpu_info() -> dict[str, Any]:
+    """Model, logical/physical/usable cores, ISA level and flags, and torch's CPU kernels and thread counts."""
+    flags, cores = _cpuinfo_flags_and_cores()
+    capability = getattr(torch.backends.cpu, "get_cpu_capability", None)
+    return {
+        "model": cache.cpu_model(),
+        "logical_cpus": os.cpu_count(),
+        "physical_cores": cores or os.cpu_count(),
+        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "isa": isa_level(flags),
+        "isa_flags": [f for f in ISA_FLAGS if f in flags],
+        "torch_cpu_capability": capability() if capability else None,
+        "torch_threads": torch.get_num_threads(),
+        "torch_interop_threads": torch.get_num_interop_threads(),
+        "mkldnn": torch.backends.mkldnn.is_available(),
+        "mkl": torch.backends.mkl.is_available(),
+    }
+
+
+def isa_level(flags: set[str]) -> str:
+    """The widest vector/matrix extension the CPU reports: AMX > AVX-512 > AVX2 > AVX (x86), SVE > NEON (Arm)."""
+    for flag, level in (("amx_tile", "AMX"), ("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX"),
+                        ("sve", "SVE"), ("asimd", "NEON")):
+        if flag in flags:
+            return level
+    return "baseline"
+
+
+def _cpuinfo_flags_and_cores() -> tuple[set[str], int | None]:
+    flags: set[str] = set()
+    pairs: set[tuple[str, str]] = set()
+    physical = "0"
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in ("flags", "Features"):
+                    flags.update(value.split())
+                elif key == "physical id":
+                    physical = value.strip()
+                elif key == "core id":
+                    pairs.add((physical, value.strip()))
+    except OSError:
+        pass
+    return flags, len(pairs) or None
+
+
+def cuda_info() -> dict[str, Any] | None:
+    """Driver and library versions, each GPU's properties and the peer-access matrix; None without CUDA."""
+    if not torch.cuda.is_available():
+        return None
+    count = torch.cuda.device_count()
+    devices = []
+    for i in range(count):
+        props = torch.cuda.get_device_properties(i)
+        # bf16 and TF32 tensor cores arrived with Ampere (compute capability 8.0).
+        ampere = props.major >= 8
+        devices.append({"index": i, "name": props.name, "compute_capability": f"{props.major}.{props.minor}",
+                        "memory_gib": props.total_memory / 2 ** 30, "sm_count": props.multi_processor_count,
+                        "bf16": ampere, "tf32": ampere,
+                        "uuid": str(props.uuid) if hasattr(props, "uuid") else None})
+    nccl = None
+    if torch.distributed.is_available() and torch.distributed.is_nccl_available():
+        version = torch.cuda.nccl.version()
+        nccl = ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
+    cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    pipe_dir = os.environ.get("CUDA_MPS_PIPE_DIRECTORY", "/tmp/nvidia-mps")
+    return {"driver": _nvml_driver_version(), "runtime": torch.version.cuda, "cudnn": cudnn, "nccl": nccl,
+            "devices": devices,
+            "p2p": [[None if i == j else torch.cuda.can_device_access_peer(i, j) for j in range(count)]
+                    for i in range(count)],
+            "multi_process_service": os.path.exists(os.path.join(pipe_dir, "control"))}
+
+
+def _nvml_driver_version() -> str | None:
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+        try:
+            version = pynvml.nvmlSystemGetDriverVersion()
+        finally:
+            pynvml.nvmlShutdown()
+    except pynvml.NVMLError:
+        return None
+    return version.decode() if isinstance(version, bytes) else version
+
+
+def mps_info() -> dict[str, Any] | None:
+    """Apple's Metal device, when torch can use it; None elsewhere."""
+    backend = getattr(torch.backends, "mps", None)
+    if backend is None or not backend.is_available():
+        return None
+    return {"available": True, "platform": platform.platform()}
+
+
+def devices_present() -> list[torch.device]:
+    """The CPU, then every CUDA GPU, then Apple MPS if present."""
+    found = [torch.device("cpu")]
+    if torch.cuda.is_available():
+        found += [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+    if mps_info() is not None:
+        found.append(torch.device("mps"))
+    return found
+
+
+def matmul_dtypes(device: torch.device) -> list[str]:
+    """The dtypes whose matmul ceiling means something on `device` (trainforge has no fp16 on the CPU)."""
+    if device.type == "cuda":
+        return ["fp32", "tf32", "bf16", "fp16"]
+    if device.type == "mps":
+        return ["fp32", "bf16", "fp16"]
+    return ["fp32", "bf16"]
+
+
+def measure_all(progress: bool = False, seconds: float = SECONDS_PER_FIGURE) -> dict[str, dict[str, Any]]:
+    """Ceilings of every device present, keyed like `cache.device_key` ('cpu', 'cuda:0', ...)."""
+    from rich.console import Console
+
+    status = Console(stderr=True).status("measuring") if progress else None
+    if status:
+        status.start()
+    try:
+        results = {}
+        for device in devices_present():
+            if status:
+                status.update(f"measuring {cache.device_key(device)}")
+            results[cache.device_key(device)] = measure_device(device, seconds)
+        return results
+    finally:
+        if status:
+            status.stop()
+
+
+def measure_device(device: torch.device, seconds: float = SECONDS_PER_FIGURE) -> dict[str, Any]:
+    """Matmul FLOP/s per dtype, on-device copy bandwidth and (CUDA) host<->device bandwidth of one device."""
+    result: dict[str, Any] = {
+        "matmul_size": MATMUL_SIZE[device.type],
+        "matmul_flops": {dtype: _matmul_or_none(device, dtype, seconds) for dtype in matmul_dtypes(device)},
+        "memory_bandwidth": measure_copy_bandwidth(device, seconds=seconds),
+    }
+    if device.type == "cuda":
+        result["host_to_device"] = {kind: measure_host_bandwidth(device, "h2d", kind == "pinned", seconds)
+                                    for kind in ("pinned", "pageable")}
+        result["device_to_host"] = {kind: measure_host_bandwidth(device, "d2h", kind == "pinned", seconds)
+                                    for kind in ("pinned", "pageable")}
+    return result
+
+
+def _matmul_or_none(device: torch.device, dtype: str, seconds: float) -> float | None:
+    try:
+        return measure_matmul(device, dtype, seconds=seconds)
+    except RuntimeError:
+        # Older backends lack some dtypes (bf16 on MPS before macOS 14): no ceiling rather than no report.
+        return None
+
+
+def measure_matmul(device: torch.device, dtype: str, size: int | None = None,
+                   seconds: float = SECONDS_PER_FIGURE) -> float:
+    """Sustained FLOP/s of a square `size` matmul (2*size^3 FLOPs) in `dtype` (fp32, tf32, bf16, fp16)."""
+    n = size or MATMUL_SIZE[device.type]
+    torch_dtype = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16,
+                   "fp16": torch.float16}[dtype]
+    a = torch.randn(n, n, device=device, dtype=torch_dtype)
+    b = torch.randn(n, n, device=device, dtype=torch_dtype)
+    out = torch.empty(n, n, device=device, dtype=torch_dtype)
+    tf32_before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = dtype == "tf32"
+    try:
+        return 2.0 * n ** 3 * _sustained_rate(lambda: torch.matmul(a, b, out=out), device, seconds)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32_before
+
+
+def measure_copy_bandwidth(device: torch.device, nbytes: int | None = None,
+                           seconds: float = SECONDS_PER_FIGURE) -> float:
+    """Bytes/s of a large on-device copy, counting bytes read plus bytes written."""
+    nbytes = nbytes or COPY_BYTES[device.type]
+    if device.type == "cuda":
+        nbytes = min(nbytes, torch.cuda.get_device_properties(device).total_memory // 8)
+    src = torch.ones(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    return 2.0 * src.numel() * 4 * _sustained_rate(lambda: dst.copy_(src), device, seconds)
+
+
+def measure_host_bandwidth(device: torch.device, direction: str, pinned: bool,
+                           seconds: float = SECONDS_PER_FIGURE) -> float:
+    """Bytes/s of host->device ('h2d') or device->host ('d2h') copies from pinned or pageable host memory."""
+    host = torch.ones(HOST_COPY_BYTES, dtype=torch.uint8, pin_memory=pinned)
+    dev = torch.empty(HOST_COPY_BYTES, dtype=torch.uint8, device=device)
+    copy = (lambda: dev.copy_(host, non_blocking=pinned)) if direction == "h2d" else \
+        (lambda: host.copy_(dev, non_blocking=pinned))
+    return HOST_COPY_BYTES * _sustained_rate(copy, device, seconds)
+
+
+def _sustained_rate(fn: Callable[[], Any], device: torch.device, seconds: float) -> float:
+    """Calls of `fn` per second in the median of BLOCKS timed blocks, after a warm-up call."""
+    fn()
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    one = max(time.perf_counter() - start, 1e-7)
+    reps = max(1, int(seconds / BLOCKS / one))
+    per_call = []
+    for _ in range(BLOCKS):
+        start = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        synchronize(device)
+        per_call.append((time.perf_counter() - start) / reps)
+    return 1.0 / statistics.median(per_call)
+
+
+def timestamp() -> str:
+    """Now, in UTC, as ISO 8601 to the second."""
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def _print_report(report: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    cpu = report["cpu"]
+    console.print(f"[bold]{report['host']}[/bold]  python {report['python']}, torch {report['torch']}")
+    console.print(f"CPU  {cpu['model']}: {cpu['physical_cores']} cores ({cpu['logical_cpus']} logical, "
+                  f"{cpu['usable_cpus']} usable), {cpu['isa']} (torch kernels: {cpu['torch_cpu_capability']}), "
+                  f"torch uses {cpu['torch_threads']} threads")
+    cuda = report["cuda"]
+    if cuda is None:
+        console.print("CUDA none")
+    else:
+        console.print(f"CUDA driver {cuda['driver']}, runtime {cuda['runtime']}, cuDNN {cuda['cudnn']}, "
+                      f"NCCL {cuda['nccl']}, multi-process service {'on' if cuda['multi_process_service'] else 'off'}")
+        for d in cuda["devices"]:
+            console.print(f"  cuda:{d['index']} {d['name']}: compute {d['compute_capability']}, "
+                          f"{d['memory_gib']:.1f} GiB, {d['sm_count']} SMs, bf16 {'yes' if d['bf16'] else 'no'}, "
+                          f"TF32 {'yes' if d['tf32'] else 'no'}")
+        if len(cuda["devices"]) > 1:
+            pairs = [f"{i}->{j}" for i, row in enumerate(cuda["p2p"]) for j, ok in enumerate(row) if ok]
+            console.print(f"  peer access: {'; '.join(pairs) or 'none'}")
+    console.print(f"MPS  {'available' if report['mps'] else 'none'}")
+    if not report["ceilings"]:
+        console.print("ceilings: not measured yet (run `trainforge hw --measure`)")
+        return
+    table = Table(title=f"measured ceilings ({report['measured_at']})")
+    ceilings = report["ceilings"]
+    dtypes = [d for d in ("fp32", "tf32", "bf16", "fp16") if any(d in c["matmul_flops"] for c in ceilings.values())]
+    host = any("host_to_device" in c for c in ceilings.values())
+    columns = ["device", *[f"{d} matmul" for d in dtypes], "copy"]
+    columns += ["H2D pinned/pageable", "D2H pinned/pageable"] if host else []
+    for column in columns:
+        table.add_column(column, justify="right")
+    for name, c in ceilings.items():
+        row = [name, *[_si(c["matmul_flops"].get(d), "FLOP/s") for d in dtypes], _si(c["memory_bandwidth"], "B/s")]
+        if host:
+            row += [f"{_si(c[k]['pinned'], 'B/s')} / {_si(c[k]['pageable'], 'B/s')}" if k in c else "-"
+                    for k in ("host_to_device", "device_to_host")]
+        table.add_row(*row)
+    console.print(table)
+    console.print(f"cached in {report['cache_file']}")
+
+
+def _si(value: float | None, unit: str) -> str:
+    """1.23e13 -> '12.3 TFLOP/s': one format for a 2-core CPU and a GPU alike."""
+    if value is None:
+        return "-"
+    for scale, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M")):
+        if value >= scale:
+            return f"{value / scale:.1f} {prefix}{unit}"
+    return f"{value:.0f} {unit}"
