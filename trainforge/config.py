@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
+import reprlib
 import types
 import typing
 from pathlib import Path
@@ -19,6 +21,11 @@ import yaml
 from .errors import ConfigError
 
 T = TypeVar("T")
+
+# Error messages quote the offending value through this: a hostile YAML file (nested aliases, the "billion laughs")
+# describes a structure whose full repr would take exponential time and memory.
+_short = reprlib.Repr()
+_short.maxlevel, _short.maxlist, _short.maxdict, _short.maxstring, _short.maxother = 2, 6, 6, 80, 80
 
 
 def option(default: Any, help: str, *, choices: tuple | None = None, low: float | None = None,
@@ -39,8 +46,10 @@ class TrainConfig:
     data: str = option("mnist", "built-in data set (mnist, fashion-mnist) or a folder of images, one sub-folder per class")
     data_dir: str | None = option(None, "root of the built-in data sets (default: $TRAINFORGE_DATA, else ~/.cache/trainforge)")
     subset: int | None = option(None, "train on a seeded, class-balanced subset of N training images", positive=True)
-    val_fraction: float = option(0.1, "held-out fraction of an image folder without train/ and val/ sub-folders",
-                                 low=0.0, high=0.9)
+    val_fraction: float = option(0.1, "held-out fraction of an image folder without train/ and val/ sub-folders, "
+                                      "and of the training images with --holdout", low=0.0, high=0.9)
+    holdout: bool = option(False, "train on all but a seeded, stratified --val-fraction of the training images and "
+                                  "evaluate on that held-out part instead of the test set (as `tune` does)")
     image_size: int | None = option(None, "resize folder images to this side length (default: their own size)",
                                     positive=True)
     model: str | None = option(None, "registered model name (see `trainforge models`)")
@@ -61,7 +70,10 @@ class TrainConfig:
     precision: str = option("auto", "auto (bf16 on GPUs that support it, else fp32), 32, bf16 or fp16",
                             choices=("auto", "32", "bf16", "fp16"))
     compile: bool = option(False, "compile the model with torch.compile")
-    seed: int = option(0, "random seed of initialisation, shuffling and augmentation", low=0)
+    strategy: str = option("ddp", "how several processes share the model: ddp (a full replica in each) or fsdp "
+                                  "(parameters, gradients and optimizer state sharded across them, for models "
+                                  "that do not fit one device)", choices=("ddp", "fsdp"))
+    seed: int = option(0, "random seed of initialisation, shuffling and augmentation", low=0, high=2 ** 32 - 1)
     target_acc: float | None = option(None, "stop once test accuracy reaches this fraction", low=0.0, high=1.0)
     eval_batch_size: int = option(2000, "batch size of evaluation", positive=True)
     loader: str = option("auto", "auto (device-resident when the data fits), device or streaming",
@@ -82,7 +94,9 @@ def _base_type(tp: Any) -> Any:
     return tp
 
 
+@functools.lru_cache(maxsize=None)
 def _field_types(cls: type) -> dict[str, Any]:
+    # Cached: resolving the string annotations costs milliseconds, and every value checked needs them.
     return typing.get_type_hints(cls)
 
 
@@ -100,44 +114,44 @@ def _coerce(cls: type, name: str, value: Any, source: str) -> Any:
         raise ConfigError(f"{where} must not be empty")
     if base is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{where} expects true or false, got {value!r}")
+            raise ConfigError(f"{where} expects true or false, got {_short.repr(value)}")
         return value
     if base is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where} expects an integer, got {value!r}")
+            raise ConfigError(f"{where} expects an integer, got {_short.repr(value)}")
     elif base is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where} expects a number, got {value!r}")
+            raise ConfigError(f"{where} expects a number, got {_short.repr(value)}")
         value = float(value)
     elif base is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{where} expects a string, got {value!r}")
+            raise ConfigError(f"{where} expects a string, got {_short.repr(value)}")
     elif get_origin(base) is list:
         if not isinstance(value, (list, tuple)) or not all(
                 isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
-            raise ConfigError(f"{where} expects a list of numbers, got {value!r}")
+            raise ConfigError(f"{where} expects a list of numbers, got {_short.repr(value)}")
         value = [float(v) for v in value]
     elif get_origin(base) is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{where} expects a mapping, got {value!r}")
+            raise ConfigError(f"{where} expects a mapping, got {_short.repr(value)}")
     _check_bounds(where, value, meta)
     return value
 
 
 def _check_bounds(where: str, value: Any, meta: typing.Mapping[str, Any]) -> None:
     if meta.get("choices") and value not in meta["choices"]:
-        raise ConfigError(f"{where} must be one of {', '.join(map(str, meta['choices']))}; got {value!r}")
+        raise ConfigError(f"{where} must be one of {', '.join(map(str, meta['choices']))}; got {_short.repr(value)}")
     for v in value if isinstance(value, list) else [value]:
         if not isinstance(v, (int, float)):
             continue
         if v != v or v in (float("inf"), float("-inf")):
-            raise ConfigError(f"{where} must be a finite number, got {v!r}")
+            raise ConfigError(f"{where} must be a finite number, got {_short.repr(v)}")
         if meta.get("positive") and v <= 0:
-            raise ConfigError(f"{where} must be > 0, got {v!r}")
+            raise ConfigError(f"{where} must be > 0, got {_short.repr(v)}")
         if meta.get("low") is not None and v < meta["low"]:
-            raise ConfigError(f"{where} must be >= {meta['low']}, got {v!r}")
+            raise ConfigError(f"{where} must be >= {meta['low']}, got {_short.repr(v)}")
         if meta.get("high") is not None and v > meta["high"]:
-            raise ConfigError(f"{where} must be <= {meta['high']}, got {v!r}")
+            raise ConfigError(f"{where} must be <= {meta['high']}, got {_short.repr(v)}")
 
 
 def from_dict(cls: type[T], values: typing.Mapping[str, Any], source: str = "config") -> T:
@@ -145,9 +159,10 @@ def from_dict(cls: type[T], values: typing.Mapping[str, Any], source: str = "con
     if not isinstance(values, typing.Mapping):
         raise ConfigError(f"{source}: expected a mapping of field names to values, got {type(values).__name__}")
     known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(str(k) for k in values if k not in known)
+    unknown = sorted(str(k)[:80] for k in values if k not in known)
     if unknown:
-        raise ConfigError(f"{source}: unknown field(s) {', '.join(unknown)}; known fields: {', '.join(sorted(known))}")
+        shown = ", ".join(unknown[:10]) + (f" (+{len(unknown) - 10} more)" if len(unknown) > 10 else "")
+        raise ConfigError(f"{source}: unknown field(s) {shown}; known fields: {', '.join(sorted(known))}")
     return cls(**{k: _coerce(cls, k, v, source) for k, v in values.items()})
 
 

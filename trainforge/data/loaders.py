@@ -7,10 +7,14 @@ batch by batch, with no per-sample Python (MNIST is 47 MB as uint8). Normalizati
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
+
+if TYPE_CHECKING:
+    from . import DataBundle
 
 
 def balanced_subset(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:
@@ -33,6 +37,42 @@ def balanced_subset(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:
                 break
     chosen = torch.cat([idx[:q] for idx, q in zip(per_class, quota)])
     return chosen.sort().values
+
+
+def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sorted (kept, held-out) indices, the same for the same seed: each class of n samples gives round(n * fraction)
+    of them, at least one and never its last, to the held-out part."""
+    gen = torch.Generator().manual_seed(seed)
+    held = []
+    for c in torch.unique(labels):
+        members = torch.nonzero(labels == c).flatten()
+        n_held = min(max(round(len(members) * fraction), 1), len(members) - 1)
+        held.append(members[torch.randperm(len(members), generator=gen)[:n_held]])
+    mask = torch.zeros(len(labels), dtype=torch.bool)
+    mask[torch.cat(held)] = True
+    return torch.nonzero(~mask).flatten(), torch.nonzero(mask).flatten()
+
+
+def holdout_split(bundle: "DataBundle", fraction: float, seed: int) -> "DataBundle":
+    """`bundle` with a stratified `fraction` of its training images moved into `test`; its test set is dropped.
+
+    Validation on this part instead of the test set keeps the test set unseen while choosing hyperparameters.
+    """
+    from ..errors import ConfigError
+    from .sources import ImageSet
+
+    if bundle.stream is not None:
+        raise ConfigError(f"--holdout needs the training images of {bundle.name} in memory; use --loader device")
+    if not 0 < fraction < 1:
+        raise ConfigError(f"--holdout needs --val-fraction between 0 and 1 (exclusive), got {fraction}")
+    train = bundle.train
+    counts = torch.bincount(train.labels)
+    if int(counts[counts > 0].min()) < 2:
+        raise ConfigError(f"--holdout needs at least 2 training images of every class of {bundle.name}")
+    kept, held = stratified_split(train.labels, fraction, seed)
+    return dataclasses.replace(
+        bundle, train=ImageSet(train.images[kept], train.labels[kept], train.classes),
+        test=ImageSet(train.images[held], train.labels[held], train.classes))
 
 
 def augment_batch(images: torch.Tensor, mode: str, generator: torch.Generator | None) -> torch.Tensor:
@@ -83,8 +123,10 @@ class DeviceLoader:
         self.generator = torch.Generator(device=device)
 
     def __len__(self) -> int:
-        n = len(self.labels)
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+        full, rest = divmod(len(self.labels), self.batch_size)
+        # A last global batch smaller than the number of ranks would leave some rank with nothing to do in a step
+        # the others take, so it is dropped (as the streaming loader does); every rank runs the same steps.
+        return full + (1 if rest and not self.drop_last and rest >= self.world_size else 0)
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         """Selects the epoch to iterate next, starting at `start_step` (to resume mid-epoch)."""
@@ -107,15 +149,23 @@ class DeviceLoader:
             # index_select is an order of magnitude faster than advanced indexing for a row gather on the CPU.
             images = self.images.index_select(0, idx)
             if self.augment != "none":
-                aug_gen.manual_seed((self.seed * 1_000_003 + self.epoch) * 100_003 + step)
+                # Wrapped to 64 bits, the widest seed a generator takes (large --seed values overflow otherwise).
+                aug_gen.manual_seed(((self.seed * 1_000_003 + self.epoch) * 100_003 + step) % 2 ** 64)
                 images = augment_batch(images, self.augment, aug_gen)
             yield images, self.labels.index_select(0, idx)
 
 
 def eval_batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int, rank: int = 0,
                  world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """In-order batches of this rank's shard of an evaluation set (already on the device)."""
+    """In-order batches of at most `batch_size` of this rank's shard of an evaluation set (already on the device).
+
+    Every rank yields the same number of batches, as a sharded (FSDP) model needs all ranks in each forward pass.
+    """
     if world_size > 1:
+        per_rank = math.ceil(len(labels) / world_size)
         images, labels = images[rank::world_size], labels[rank::world_size]
+        chunks = max(1, math.ceil(per_rank / batch_size))
+        yield from zip(torch.tensor_split(images, chunks), torch.tensor_split(labels, chunks))
+        return
     for start in range(0, len(labels), batch_size):
         yield images[start:start + batch_size], labels[start:start + batch_size]

@@ -7,6 +7,14 @@ Examples:
   trainforge train --data path/to/folder --model resnet18 --image-size 64
   trainforge train --config runs/x/config.yaml       # re-run a saved run
   trainforge train --resume runs/x                   # continue an interrupted run
+  trainforge train --nproc 2                         # 2 local processes (DDP); --batch-size stays the global batch
+  trainforge train --nproc 2 --resume runs/x         # resume on any number of processes
+  torchrun --nproc-per-node 8 -m trainforge train --model resnet18 --strategy fsdp   # what --nproc runs, by hand
+
+Several processes: `--nproc N` starts N processes on this machine through torch.distributed's elastic launcher
+(torchrun); for several machines run torchrun on each, e.g. `torchrun --nnodes 2 --nproc-per-node 8
+--rdzv-backend c10d --rdzv-endpoint host0:29400 -m trainforge train ...`. Only process 0 prints and writes the run
+directory. If any process dies, or hangs for $TRAINFORGE_DIST_TIMEOUT seconds (default 60), the job ends with an error.
 """
 
 from __future__ import annotations
@@ -22,6 +30,9 @@ from ..errors import ConfigError
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", help="YAML/JSON config file; flags given here override it")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue the interrupted run in RUN_DIR")
+    parser.add_argument("--nproc", type=int, metavar="N",
+                        help="train on N processes on this machine, started by torch.distributed's elastic launcher "
+                             "(one per GPU on a GPU machine); --batch-size is the global batch, split across them")
     cfg.add_arguments(parser.add_argument_group("training options"), cfg.TrainConfig)
 
 
@@ -32,6 +43,7 @@ def typed_options(args: argparse.Namespace, cls: type = cfg.TrainConfig) -> dict
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    from . import distributed
     from .loop import train
 
     layers: list[dict[str, Any]] = []
@@ -43,9 +55,52 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     config = cfg.merge(cfg.TrainConfig, *layers, source=args.config or "command line")
     if args.resume and not os.path.isdir(args.resume):
         raise ConfigError(f"--resume {args.resume}: no such run directory")
-    result = train(config, resume=args.resume, progress=not (args.quiet or args.json))
+    if args.nproc is not None and args.nproc != 1:
+        _launch(args, config)
+        return None
+    with distributed.peer_failures_as_errors():
+        try:
+            result = train(config, resume=args.resume, progress=not (args.quiet or args.json))
+        finally:
+            distributed.teardown()
     if not (args.quiet or args.json) and result.run_dir:
-        print(f"test accuracy {result.test_acc:.4f} after {result.epochs:g} epochs in {result.train_seconds:.2f} s "
+        split = "validation" if config.holdout else "test"
+        print(f"{split} accuracy {result.test_acc:.4f} after {result.epochs:g} epochs in {result.train_seconds:.2f} s "
               f"({result.samples_per_second:,.0f} samples/s on {result.device}, {result.precision}); "
               f"run saved to {result.run_dir}")
     return result.to_dict() if result.run_dir else None
+
+
+def _launch(args: argparse.Namespace, config: cfg.TrainConfig) -> None:
+    """Re-runs this command as `args.nproc` processes; rank 0 prints the progress and the --json line."""
+    from . import distributed, recipes
+
+    if args.nproc < 1:
+        raise ConfigError(f"--nproc: expected a number of processes >= 1, got {args.nproc}")
+    if distributed.env_world_size() > 1 or "TORCHELASTIC_RUN_ID" in os.environ:
+        raise ConfigError("--nproc: this process was already started by torchrun; set the number of processes with "
+                          "torchrun's --nproc-per-node instead")
+    if not args.resume:
+        resolved = recipes.resolve(config)
+        if resolved.batch_size % args.nproc:
+            raise ConfigError(f"--batch-size {resolved.batch_size} must be divisible by --nproc {args.nproc}")
+    distributed.launch(args.nproc, worker_argv(args), debug=args.debug)
+
+
+def worker_argv(args: argparse.Namespace) -> list[str]:
+    """The `trainforge` command line, without --nproc, that each launched process runs."""
+    argv = ["train"]
+    if args.config:
+        argv += ["--config", args.config]
+    if args.resume:
+        argv += ["--resume", args.resume]
+    for name, value in typed_options(args).items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            argv.append(flag if value else f"--no-{flag[2:]}")
+        elif isinstance(value, list):
+            argv += [flag, *map(str, value)]
+        else:
+            argv += [flag, str(value)]
+    argv += [f"--{name}" for name in ("json", "quiet", "debug") if getattr(args, name, False)]
+    return argv

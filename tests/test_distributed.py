@@ -1,0 +1,207 @@
+"""Multi-process training on gloo: N processes follow one process's trajectory, only rank 0 writes, a checkpoint
+resumes on any number of processes and under either strategy, and a dead process ends the job with an error."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, run_cli
+
+import trainforge
+from trainforge import cli, runs
+from trainforge.errors import ConfigError
+from trainforge.train import command, distributed
+
+# 451 images in batches of 200: the last batch of 51 splits 26/25 over two processes, so equality with one
+# process also checks that uneven shards are weighted by their size. No BN in a linear model: nothing rank-local.
+SMALL = {"model": "linear", "subset": 451, "batch_size": 200, "schedule": "constant", "lr": 0.05,
+         "tensorboard": False}
+SMALL_FLAGS = ["--model", "linear", "--subset", "451", "--batch-size", "200", "--schedule", "constant",
+               "--lr", "0.05", "--no-tensorboard"]
+
+# Runs `trainforge` under torchrun, logging which rank opens which run-directory file (every write goes through
+# runs.atomic_open), so the test can see that only rank 0 writes.
+WRITE_LOGGER = """
+import os, sys
+from trainforge import cli, runs
+from trainforge.errors import ConfigError
+
+log = open(sys.argv[1], "a")
+original = runs.atomic_open
+
+def logged(path, *args, **kwargs):
+    log.write(f"{os.environ['RANK']} {os.path.basename(path)}\\n")
+    log.flush()
+    return original(path, *args, **kwargs)
+
+runs.atomic_open = logged
+sys.exit(cli.main(sys.argv[2:]))
+"""
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+def _metrics(run: Path) -> list[dict]:
+    return runs.read_metrics(run)
+
+
+def _assert_same_epochs(got: list[dict], want: list[dict]) -> None:
+    assert [m["step"] for m in got] == [m["step"] for m in want]
+    for g, w in zip(got, want):
+        for key in ("train_loss", "test_loss", "test_acc"):
+            assert g[key] == pytest.approx(w[key], rel=1e-4, abs=1e-5), (g["epoch"], key)
+
+
+def _assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = runs.load_weights(a / runs.MODEL_FILE), runs.load_weights(b / runs.MODEL_FILE)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], rtol=1e-4, atol=1e-5)
+
+
+def test_two_processes_follow_one_and_checkpoints_move_between_world_sizes_and_strategies(tmp_path):
+    # The one-process reference: epoch 1, then resumed to epochs 3 and 4.
+    ref = tmp_path / "ref"
+    trainforge.train({**SMALL, "epochs": 1, "out": str(ref)}, progress=False)
+    one_epoch = tmp_path / "one-epoch"
+    shutil.copytree(ref, one_epoch)
+    trainforge.train({"epochs": 3}, resume=ref, progress=False)
+    ref_metrics = _metrics(ref)
+    assert len(ref_metrics) == 3
+
+    # Two DDP processes from scratch, started by torchrun itself; every file write is logged with its rank.
+    # (It runs while the --nproc job below runs: the two are independent, and their start-ups overlap.)
+    script, log, ddp = tmp_path / "logged.py", tmp_path / "writes.log", tmp_path / "ddp"
+    script.write_text(WRITE_LOGGER)
+    torchrun = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                                 "2", "--max-restarts", "0", str(script), str(log), "train", *SMALL_FLAGS,
+                                 "--epochs", "3", "--out", str(ddp), "--quiet"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+
+    # The one-process checkpoint after epoch 1, resumed on two processes sharded with FSDP, via --nproc.
+    try:
+        done = run_cli("train", "--nproc", "2", "--resume", str(one_epoch), "--epochs", "3", "--strategy", "fsdp",
+                       "--json", timeout=240)
+        _, torchrun_err = torchrun.communicate(timeout=240)
+    finally:
+        if torchrun.poll() is None:
+            torchrun.kill()
+            torchrun.communicate()
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["world_size"] == 2 and summary["steps"] == ref_metrics[-1]["step"]
+    _assert_same_epochs(_metrics(one_epoch), ref_metrics)
+    _assert_same_weights(one_epoch, ref)
+
+    assert torchrun.returncode == 0, torchrun_err[-3000:]
+    _assert_same_epochs(_metrics(ddp), ref_metrics)
+    _assert_same_weights(ddp, ref)
+    writes = [line.split() for line in log.read_text().splitlines()]
+    assert {rank for rank, _ in writes} == {"0"}, "a rank other than 0 wrote to the run directory"
+    assert [name for _, name in writes].count(runs.STATE_FILE) == 3  # one checkpoint per epoch, written once
+    assert json.loads((ddp / runs.SUMMARY_FILE).read_text())["world_size"] == 2
+
+    # The FSDP run's checkpoint (full tensors, ordinary optimizer state) continues in a single process.
+    trainforge.train({"epochs": 4}, resume=ref, progress=False)
+    result = trainforge.train({"epochs": 4}, resume=one_epoch, progress=False)
+    assert result.world_size == 1
+    _assert_same_epochs(_metrics(one_epoch), _metrics(ref))
+    _assert_same_weights(one_epoch, ref)
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def _rank_of(pid: int) -> str | None:
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    for item in environ:
+        if item.startswith(b"RANK="):
+            return item[5:].decode()
+    return None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the worker processes through /proc")
+def test_a_killed_process_ends_the_job_with_a_one_line_error(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "trainforge", "train", "--nproc", "2", "--model", "linear",
+                             "--epochs", "100", "--subset", "20000", "--out", str(out), "--no-tensorboard", "--quiet"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    try:
+        # config.yaml appears once rank 0 has joined the process group and is about to train.
+        deadline = time.monotonic() + 180
+        while not (out / runs.CONFIG_FILE).exists():
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "training never started"
+            time.sleep(0.2)
+        victims = [pid for pid in _children(proc.pid) if _rank_of(pid) == "1"]
+        assert len(victims) == 1
+        os.kill(victims[0], signal.SIGKILL)
+        _, stderr = proc.communicate(timeout=60)  # the bound the job must end within
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 2
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("trainforge train: error: process 1 of 2 was killed by SIGKILL"), stderr[-3000:]
+    assert "Traceback" not in stderr
+    assert not (out / runs.SUMMARY_FILE).exists()
+
+
+def test_nproc_mistakes_are_one_line_errors(capsys):
+    assert cli.main(["train", "--nproc", "2", "--batch-size", "101"]) == 2
+    assert capsys.readouterr().err.strip() == \
+        "trainforge train: error: --batch-size 101 must be divisible by --nproc 2"
+    assert cli.main(["train", "--nproc", "0"]) == 2
+    assert "--nproc: expected a number of processes >= 1" in capsys.readouterr().err
+
+
+def test_workers_get_the_command_line_without_nproc():
+    parser = cli.build_parser()
+    args = parser.parse_args(["train", "--nproc", "2", "--lr", "0.3", "--betas", "0.8", "0.9", "--no-tensorboard",
+                              "--strategy", "fsdp", "--json"])
+    argv = command.worker_argv(args)
+    assert "--nproc" not in argv
+    again = parser.parse_args(argv)
+    assert command.typed_options(again) == command.typed_options(args)
+    assert again.json and again.nproc is None
+
+
+def test_timeouts_and_thread_shares_are_checked(monkeypatch):
+    monkeypatch.setenv(distributed.TIMEOUT_ENV, "2.5")
+    assert distributed.timeout_s() == 2.5
+    monkeypatch.setenv(distributed.TIMEOUT_ENV, "soon")
+    with pytest.raises(ConfigError, match="TRAINFORGE_DIST_TIMEOUT"):
+        distributed.timeout_s()
+    assert distributed.cpu_threads(10_000) == 1
+    assert distributed.cpu_threads(1) >= distributed.cpu_threads(2) >= 1
+
+
+def test_fsdp_shards_each_block_of_the_network():
+    model = trainforge.create_model("mlp", num_classes=10, in_channels=1, image_size=28)
+    units = distributed.shard_units(model)
+    assert [type(u).__name__ for u in units] == ["Linear", "Linear", "Linear"]
