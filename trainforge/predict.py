@@ -17,6 +17,7 @@ import torch
 
 from . import runs
 from .errors import DataError
+from .train.device import resolve_device
 
 MAX_SIDE = 4096
 
@@ -77,6 +78,7 @@ def predict_files(run_dir: str | Path, files: list[str], top_k: int = 1, device:
     """One `{file, label, confidence}` (and `top_k` alternatives when asked) per file, in order."""
     if top_k < 1:
         raise DataError(f"--top-k must be >= 1, got {top_k}")
+    device = resolve_device(device)
     model = runs.load(run_dir, device=device)
     channels = model.info.in_channels
     results = []

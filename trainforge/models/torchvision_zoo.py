@@ -5,14 +5,18 @@ from __future__ import annotations
 import math
 
 from torch import nn
-from torchvision import models as tvm
 
 from .registry import register_model
+
+# torchvision is imported inside the builders: the registry is loaded by every command, most of which never build
+# one of these models, and the import costs seconds on a small machine.
 
 
 @register_model("resnet18", default_recipe="resnet")
 def resnet18(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
     """torchvision ResNet-18 with a 3x3 stride-1 stem and no stem max-pool, so 28x28 inputs keep their detail."""
+    from torchvision import models as tvm
+
     net = tvm.resnet18(num_classes=num_classes)
     net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
     net.maxpool = nn.Identity()
@@ -37,10 +41,14 @@ def _small_vgg(net: nn.Module, in_channels: int, image_size: int, num_classes: i
 @register_model("vgg16", default_recipe="vgg")
 def vgg16(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
     """torchvision VGG-16 with pools limited to the input size and a 512-wide head."""
+    from torchvision import models as tvm
+
     return _small_vgg(tvm.vgg16(), in_channels, image_size, num_classes)
 
 
 @register_model("vgg16_bn", default_recipe="vgg")
 def vgg16_bn(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
     """VGG-16 with batch normalization, adapted like `vgg16`; trains far more easily from scratch."""
+    from torchvision import models as tvm
+
     return _small_vgg(tvm.vgg16_bn(), in_channels, image_size, num_classes)

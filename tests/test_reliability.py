@@ -1,0 +1,790 @@
+"""Reliability and security: killed processes, failing disks, non-finite numbers, hostile or broken files, fuzzed
+parsers and user mistakes. docs/RELIABILITY.md maps each promise to the test here that proves it."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import gzip
+import io
+import json
+import os
+import pickle
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import trainforge
+from trainforge import cli, runs
+from trainforge import config as cfg
+from trainforge.data import load_data, sources
+from trainforge.errors import CheckpointError, ConfigError, TrainingError
+from trainforge.train.loop import _check_state
+
+from conftest import REPO
+
+
+def small_config(out: Path, **extra) -> dict:
+    values = {"model": "linear", "epochs": 1, "subset": 600, "batch_size": 60, "out": str(out), "tensorboard": False,
+              "device": "cpu"}
+    values.update(extra)
+    return values
+
+
+@pytest.fixture(scope="module")
+def small(data_root):
+    """The 600-image MNIST subset small_config trains on, loaded once: 10 steps an epoch at batch size 60."""
+    return load_data("mnist", str(data_root), subset=600, seed=0)
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory, small) -> Path:
+    """A finished run directory of one epoch on `small`: every file a run writes."""
+    out = tmp_path_factory.mktemp("reliability") / "run"
+    trainforge.train(small_config(out), data=small, progress=False)
+    return out
+
+
+@pytest.fixture()
+def offline(monkeypatch):
+    def refuse(request, timeout=None):
+        raise urllib.error.URLError("network disabled in tests")
+
+    monkeypatch.setattr(urllib.request, "urlopen", refuse)
+    monkeypatch.setattr(sources.time, "sleep", lambda s: None)
+
+
+def cli_main(capsys, *args: str) -> tuple[int, str]:
+    """Runs the CLI in this process (so monkeypatched faults apply); returns (exit status, stderr)."""
+    try:
+        status = cli.main(list(args))
+    except SystemExit as exc:  # argparse's own errors
+        status = exc.code
+    return status, capsys.readouterr().err
+
+
+def assert_one_line_error(status: int, stderr: str, *fragments: str) -> None:
+    assert status == 2, stderr
+    assert "Traceback" not in stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+# ---- crash safety: SIGKILL at random points, then --resume -------------------------------------------------------
+
+KILL_ARGS = ("train", "--model", "linear", "--subset", "600", "--batch-size", "60", "--epochs", "3",
+             "--checkpoint-every", "2", "--augment", "translate", "--seed", "5", "--device", "cpu", "--no-tensorboard",
+             "--json", "--quiet")
+WRITE_DELAY = 0.2  # seconds each atomic write holds its temporary file open: the window a kill aims at
+
+
+# Imports trainforge once, then forks one child per requested run. Each child is a separate process running the CLI's
+# main(), as `python -m trainforge` does, and is killed for real; forking only spares each run the seconds of importing
+# torch. Nothing may run a torch kernel before the fork: a child of a process with OpenMP threads can deadlock.
+FORK_SERVER = r"""
+import json, os, sys
+from trainforge import cli
+cli.build_parser()
+for line in sys.stdin:
+    request = json.loads(line)
+    if "wait" in request:
+        _, status = os.waitpid(request["wait"], 0)
+        print(json.dumps({"code": os.waitstatus_to_exitcode(status)}), flush=True)
+        continue
+    pid = os.fork()
+    if pid == 0:
+        for fd, name in ((1, request["stdout"]), (2, request["stderr"])):
+            os.dup2(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+        for key, value in request["env"].items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        try:
+            code = cli.main(request["args"])
+        except SystemExit as exc:
+            code = exc.code
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code if isinstance(code, int) else 1)
+    print(json.dumps({"pid": pid}), flush=True)
+"""
+
+
+class ForkServer:
+    """Starts CLI runs as forked child processes (see FORK_SERVER); `start` returns a ForkedRun."""
+
+    def __init__(self, directory: Path):
+        env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        self.process = subprocess.Popen([sys.executable, "-c", FORK_SERVER], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, text=True, env=env)
+        self.directory, self.count = directory, 0
+
+    def ask(self, request: dict) -> dict:
+        self.process.stdin.write(json.dumps(request) + "\n")
+        self.process.stdin.flush()
+        line = self.process.stdout.readline()
+        assert line, "the fork server died"
+        return json.loads(line)
+
+    def start(self, *args: str, delay: float | None = None) -> "ForkedRun":
+        self.count += 1
+        out, err = self.directory / f"{self.count}.out", self.directory / f"{self.count}.err"
+        env = {runs.WRITE_DELAY_ENV: str(delay) if delay else None}
+        pid = self.ask({"args": list(args), "env": env, "stdout": str(out), "stderr": str(err)})["pid"]
+        return ForkedRun(self, pid, out, err)
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.kill()  # nothing left to flush; its children have all been waited for
+        self.process.wait()
+
+
+@dataclasses.dataclass
+class ForkedRun:
+    server: ForkServer
+    pid: int
+    out: Path
+    err: Path
+
+    def alive(self) -> bool:
+        """Running, as opposed to finished (a zombie until `wait` reaps it, so its pid cannot be reused)."""
+        try:
+            stat = Path(f"/proc/{self.pid}/stat").read_text()
+        except FileNotFoundError:
+            return False
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+    def kill(self) -> None:
+        os.kill(self.pid, signal.SIGKILL)
+
+    def wait(self) -> tuple[int, str, str]:
+        """(exit code, negative for a signal; stdout; stderr)."""
+        code = self.server.ask({"wait": self.pid})["code"]
+        return code, self.out.read_text(), self.err.read_text()
+
+
+def temporaries(run: Path, name: str) -> set[str]:
+    with contextlib.suppress(FileNotFoundError):
+        return {e.name for e in os.scandir(run) if e.name.startswith(f".{name}.") and e.name.endswith(".tmp")}
+    return set()
+
+
+def inode(path: Path) -> int | None:
+    with contextlib.suppress(FileNotFoundError):
+        return path.stat().st_ino
+    return None
+
+
+class Trigger:
+    """When to kill: a new checkpoint landing, or a given file's temporary appearing (its write under way).
+
+    Every run writes summary.json last, so every trigger also fires on that: no process can finish unkilled.
+    """
+
+    def __init__(self, run: Path, what: str, rng: random.Random, jitter: float):
+        self.run, self.what, self.jitter = run, what, rng.uniform(0, jitter)
+        self.state_inode = inode(run / runs.STATE_FILE)
+        self.seen = {name: temporaries(run, name) for name in (runs.STATE_FILE, runs.MODEL_FILE, runs.METRICS_FILE,
+                                                               runs.SUMMARY_FILE)}
+
+    def fired(self) -> bool:
+        if temporaries(self.run, runs.SUMMARY_FILE) - self.seen[runs.SUMMARY_FILE]:
+            return True
+        if self.what == "checkpoint":
+            return inode(self.run / runs.STATE_FILE) not in (None, self.state_inode)
+        return bool(temporaries(self.run, self.what) - self.seen[self.what])
+
+
+def kill_when(process: ForkedRun, trigger: Trigger, timeout: float = 180) -> bool:
+    """SIGKILLs `process` once `trigger` fires (plus its random jitter); False if the process ended first."""
+    deadline = time.monotonic() + timeout
+    while not trigger.fired():
+        if not process.alive():
+            return False
+        assert time.monotonic() < deadline, f"trigger {trigger.what!r} never fired"
+        time.sleep(0.002)
+    time.sleep(trigger.jitter)
+    if not process.alive():
+        return False
+    process.kill()
+    return True
+
+
+def checkpoint_step(run: Path) -> int:
+    state = runs.safe_torch_load(run / runs.STATE_FILE)
+    _check_state(state, run / runs.STATE_FILE)
+    return state["position"]["global_step"]
+
+
+@pytest.fixture()
+def fork_server(tmp_path):
+    server = ForkServer(tmp_path)
+    yield server
+    server.close()
+
+
+def test_sigkill_at_random_points_then_resume_matches_an_uninterrupted_run(tmp_path, fork_server):
+    """Six kills: mid-training, mid-checkpoint, at epoch-end writes and during the final write; each resume
+    continues, and the result is bit-for-bit that of a run never killed."""
+    seed = int(os.environ.get("TRAINFORGE_KILL_SEED", "20261129"))
+    rng = random.Random(seed)
+    whole_dir, run = tmp_path / "whole", tmp_path / "killed"
+    whole = fork_server.start(*KILL_ARGS, "--out", str(whole_dir))  # in parallel: the reference
+    # (what fires the kill, up to how many seconds later): the jitter after a checkpoint lands spans at most two
+    # more checkpoint writes, so the run cannot reach its end before the kills aimed at its last writes.
+    # Kills aimed inside a write fire as soon as its temporary appears: the whole WRITE_DELAY is the margin for a
+    # busy machine to deliver the signal before the rename.
+    plan = [("checkpoint", 0.3), (runs.STATE_FILE, 0.0), ("checkpoint", 0.3), (runs.MODEL_FILE, 0.0),
+            (runs.METRICS_FILE, 0.0), (runs.SUMMARY_FILE, 0.0)]
+    kills, mid_state_write, last_step = [], 0, 0
+    for number, (what, jitter) in enumerate(plan):
+        args = ("train", "--resume", str(run), "--json", "--quiet") if number else (*KILL_ARGS, "--out", str(run))
+        trigger = Trigger(run, what, rng, jitter)
+        process = fork_server.start(*args, delay=WRITE_DELAY)
+        killed = kill_when(process, trigger)
+        code, out, err = process.wait()
+        context = f"kill seed {seed}, kill {number} ({what}): exit {code}, {err[-2000:]}"
+        if not killed:
+            assert code == 0, context
+            break
+        assert code == -signal.SIGKILL, context
+        kills.append(what)
+        step = checkpoint_step(run)  # loads, and is a whole checkpoint: the write it was killed in did not count
+        assert step >= last_step, context
+        if temporaries(run, runs.STATE_FILE):  # killed between writing a checkpoint and renaming it into place
+            mid_state_write += 1
+            assert step == last_step, "the previous checkpoint must survive a kill during the next one's write"
+        if (run / runs.MODEL_FILE).exists():
+            runs.load_weights(run / runs.MODEL_FILE)
+        runs.read_metrics(run)
+        last_step = step
+    assert len(kills) >= 5 and mid_state_write >= 1, (kills, mid_state_write)
+
+    code, out, err = fork_server.start("train", "--resume", str(run), "--json", "--quiet").wait()
+    assert code == 0, err
+    code, whole_out, whole_err = whole.wait()
+    assert code == 0, whole_err
+    got, expected = json.loads(out.splitlines()[-1]), json.loads(whole_out.splitlines()[-1])
+    assert got["steps"] == expected["steps"] == 30
+    for key in ("test_acc", "test_loss", "train_loss", "epochs", "nonfinite_skips"):
+        assert got[key] == expected[key], (key, got[key], expected[key])
+    killed_w, whole_w = runs.load_weights(run / runs.MODEL_FILE), runs.load_weights(whole_dir / runs.MODEL_FILE)
+    assert killed_w.keys() == whole_w.keys() and all(torch.equal(killed_w[k], whole_w[k]) for k in whole_w)
+    assert [m["test_acc"] for m in runs.read_metrics(run)] == [m["test_acc"] for m in runs.read_metrics(whole_dir)]
+    assert json.loads((run / runs.SUMMARY_FILE).read_text())["test_acc"] == expected["test_acc"]
+    assert not list(run.glob(".*.tmp")), "a resumed run clears the temporaries of killed writes"
+
+
+def test_checkpoint_minutes_checkpoints_by_time(tmp_path, small):
+    calls = []
+
+    def interrupt_at_5(logits, labels, images):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return torch.nn.functional.cross_entropy(logits, labels)
+
+    # A period far shorter than any optimizer step: every step is due, none by step count.
+    with pytest.raises(KeyboardInterrupt):
+        trainforge.train(small_config(tmp_path / "m", checkpoint_minutes=1e-9), data=small, loss_fn=interrupt_at_5,
+                         progress=False)
+    assert checkpoint_step(tmp_path / "m") == 4
+
+
+def test_stale_temporaries_are_removed_and_nothing_else(tmp_path):
+    (tmp_path / ".state.pt.abc123.tmp").write_bytes(b"half a checkpoint")
+    (tmp_path / "state.pt").write_bytes(b"keep")
+    (tmp_path / "notes.tmp").write_text("not ours")
+    removed = runs.remove_stale_temporaries(tmp_path)
+    assert [p.name for p in removed] == [".state.pt.abc123.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.tmp", "state.pt"]
+
+
+def test_write_delay_hook_rejects_a_non_number(tmp_path, monkeypatch):
+    monkeypatch.setenv(runs.WRITE_DELAY_ENV, "soon")
+    with pytest.raises(CheckpointError, match="TRAINFORGE_TEST_WRITE_DELAY: expected a number of seconds"):
+        runs.write_text(tmp_path / "x.txt", "x")
+    assert not (tmp_path / "x.txt").exists()
+
+
+# ---- disk and I/O faults -----------------------------------------------------------------------------------------
+
+class DiskFault:
+    """Makes the n-th write of `state.pt` fail the way a full or read-only disk does, at one stage of the write."""
+
+    def __init__(self, monkeypatch, stage: str, fail_on: int, code: int):
+        self.stage, self.fail_on, self.code, self.state_writes = stage, fail_on, code, 0
+        originals = {"mkstemp": tempfile.mkstemp, "fsync": os.fsync, "replace": os.replace}
+        self.original = originals[stage]
+        target = {"mkstemp": (tempfile, "mkstemp"), "fsync": (os, "fsync"), "replace": (os, "replace")}[stage]
+        monkeypatch.setattr(*target, self)
+
+    def __call__(self, *args, **kwargs):
+        is_state = {"mkstemp": lambda: kwargs.get("prefix", "").startswith(f".{runs.STATE_FILE}."),
+                    "fsync": lambda: os.readlink(f"/proc/self/fd/{args[0]}").split("/")[-1].startswith(
+                        f".{runs.STATE_FILE}."),
+                    "replace": lambda: Path(args[1]).name == runs.STATE_FILE}[self.stage]()
+        if is_state:
+            self.state_writes += 1
+            if self.state_writes == self.fail_on:
+                raise OSError(self.code, os.strerror(self.code))
+        return self.original(*args, **kwargs)
+
+
+@pytest.mark.parametrize("stage,code", [("mkstemp", errno.EROFS), ("fsync", errno.ENOSPC), ("replace", errno.EIO)])
+def test_a_failing_disk_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, small, stage, code):
+    run = tmp_path / "run"
+    DiskFault(monkeypatch, stage, fail_on=3, code=code)
+    with pytest.raises(TrainingError) as info:
+        trainforge.train(small_config(run, checkpoint_every=2), data=small, progress=False)
+    message = str(info.value)
+    assert message.startswith("stopped at step 6: ") and os.strerror(code) in message
+    assert f"last good checkpoint: {run / 'state.pt'} (step 4)" in message and f"--resume {run}" in message
+    monkeypatch.undo()
+    assert checkpoint_step(run) == 4
+    assert not list(run.glob(".*.tmp")), "a failed write leaves no temporary behind"
+
+
+def test_a_full_disk_is_one_line_in_the_cli_and_resume_loses_nothing(tmp_path, monkeypatch, capsys, small):
+    run = tmp_path / "run"
+    args = ("train", "--model", "linear", "--subset", "600", "--batch-size", "60", "--epochs", "1",
+            "--checkpoint-every", "2", "--device", "cpu", "--no-tensorboard", "--quiet", "--out")
+    DiskFault(monkeypatch, "fsync", fail_on=2, code=errno.ENOSPC)
+    status, err = cli_main(capsys, *args, str(run))
+    assert_one_line_error(status, err, "No space left on device", "(step 2)", "--resume")
+    monkeypatch.undo()
+    status, _ = cli_main(capsys, "train", "--resume", str(run), "--quiet")
+    assert status == 0
+    whole = trainforge.train(small_config(tmp_path / "whole", checkpoint_every=2), data=small, progress=False)
+    resumed = json.loads((run / runs.SUMMARY_FILE).read_text())
+    assert resumed["test_acc"] == whole.test_acc and resumed["steps"] == whole.steps == 10
+
+
+def test_an_unwritable_run_directory_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    # We run as root, where permissions do not stop writes: a read-only file system is simulated at mkstemp.
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    status, err = cli_main(capsys, "train", "--subset", "100", "--epochs", "1", "--out", str(tmp_path / "r"))
+    assert_one_line_error(status, err, "config.yaml: cannot write (Read-only file system)")
+
+
+# ---- numerical faults ----------------------------------------------------------------------------------------------
+
+class PoisonGradients:
+    """Cross-entropy whose loss stays finite but whose gradients are NaN at the given step."""
+
+    def __init__(self, step: int):
+        self.step, self.calls = step, 0
+
+    def __call__(self, logits, labels, images):
+        self.calls += 1
+        if self.calls == self.step:
+            logits.register_hook(lambda grad: grad * float("nan"))
+        return torch.nn.functional.cross_entropy(logits, labels)
+
+
+def test_nonfinite_gradients_with_a_finite_loss_are_caught(tmp_path, small):
+    with pytest.raises(TrainingError, match=r"NaN/Inf at step 6; last good checkpoint: .*state.pt \(step 4\)"):
+        trainforge.train(small_config(tmp_path / "g", checkpoint_every=2), data=small, loss_fn=PoisonGradients(5),
+                         progress=False)
+    assert checkpoint_step(tmp_path / "g") == 4
+    with pytest.raises(TrainingError, match=r"weights hold NaN/Inf at step 4; not overwriting the checkpoint. "
+                                            r"last good checkpoint: .*\(step 2\)"):
+        trainforge.train(small_config(tmp_path / "w", checkpoint_every=2), data=small, loss_fn=PoisonGradients(4),
+                         progress=False)
+    assert checkpoint_step(tmp_path / "w") == 2
+    skipped = trainforge.train(small_config(tmp_path / "s", skip_nonfinite=True), data=small,
+                               loss_fn=PoisonGradients(5), progress=False)
+    assert skipped.nonfinite_skips == 1 and skipped.steps == 10 and 0.5 < skipped.test_acc <= 1
+
+
+def test_inf_loss_is_caught_like_nan(tmp_path, small):
+    calls = []
+
+    def inf_at_7(logits, labels, images):
+        calls.append(1)
+        loss = torch.nn.functional.cross_entropy(logits, labels)
+        return loss * float("inf") if len(calls) == 7 else loss
+
+    with pytest.raises(TrainingError, match=r"NaN/Inf at step 7; last good checkpoint: .*\(step 6\)"):
+        trainforge.train(small_config(tmp_path / "i", checkpoint_every=3), data=small, loss_fn=inf_at_7,
+                         progress=False)
+
+
+def test_a_diverging_learning_rate_is_one_line_in_the_cli(tmp_path, capsys):
+    status, err = cli_main(capsys, "train", "--model", "linear", "--optimizer", "sgd", "--lr", "1e38",
+                           "--subset", "600", "--batch-size", "60", "--epochs", "1", "--checkpoint-every", "1",
+                           "--no-tensorboard", "--quiet", "--out", str(tmp_path / "d"))
+    assert_one_line_error(status, err, "NaN/Inf", "--skip-nonfinite")
+
+
+# ---- hostile and broken files ----------------------------------------------------------------------------------
+
+class Exploit:
+    """Unpickling this runs a shell command: the classic malicious checkpoint."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def malicious_files(tmp_path: Path) -> tuple[Path, list[Path]]:
+    marker = tmp_path / "owned"
+    raw = tmp_path / "raw.pt"
+    raw.write_bytes(pickle.dumps({"weight": Exploit(marker)}))
+    zipped = tmp_path / "zipped.pt"
+    torch.save({"weight": torch.zeros(2), "payload": Exploit(marker)}, zipped)
+    named = tmp_path / "model.safetensors"
+    named.write_bytes(pickle.dumps(Exploit(marker)))
+    return marker, [raw, zipped, named]
+
+
+def test_the_malicious_pickle_would_run_code_with_plain_pickle(tmp_path):
+    marker, (raw, _, _) = malicious_files(tmp_path)
+    pickle.loads(raw.read_bytes())  # proves the test file is live: plain pickle runs the command
+    assert marker.exists()
+
+
+def test_malicious_pickles_are_refused_without_running_code(tmp_path):
+    marker, files = malicious_files(tmp_path)
+    raw, zipped, named = files
+    for path in (raw, zipped):
+        with pytest.raises(CheckpointError, match=f"{path}: refused to load: .*could execute code"):
+            runs.safe_torch_load(path)
+        with pytest.raises(CheckpointError, match=f"{path}: refused to load"):
+            runs.load_weights(path)
+    with pytest.raises(CheckpointError, match=f"{named}: not a valid safetensors file"):
+        runs.load_weights(named)
+    assert not marker.exists(), "unpickling ran the payload"
+
+
+def test_malicious_checkpoints_are_refused_through_the_cli(tmp_path, small_run, capsys):
+    marker, (_, zipped, named) = malicious_files(tmp_path)
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in (runs.CONFIG_FILE, runs.MODEL_INFO):
+        (run / name).write_bytes((small_run / name).read_bytes())
+    (run / runs.STATE_FILE).write_bytes(zipped.read_bytes())
+    status, err = cli_main(capsys, "train", "--resume", str(run))
+    assert_one_line_error(status, err, f"{run / 'state.pt'}: refused to load")
+    (run / runs.MODEL_FILE).write_bytes(named.read_bytes())
+    status, err = cli_main(capsys, "eval", str(run))
+    assert_one_line_error(status, err, f"{run / 'model.safetensors'}: not a valid safetensors file")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("verb", ["eval", "predict", "finetune", "compress", "export", "serve", "report"])
+def test_every_verb_that_reads_a_run_refuses_malicious_weights(tmp_path, small_run, capsys, verb):
+    if verb not in cli.VERBS:
+        pytest.skip(f"no {verb} verb in this tree")
+    marker, (_, zipped, named) = malicious_files(tmp_path)
+    run = tmp_path / "run"
+    run.mkdir()
+    for path in small_run.iterdir():
+        if path.is_file():
+            (run / path.name).write_bytes(path.read_bytes())
+    (run / runs.MODEL_FILE).write_bytes(named.read_bytes())
+    out = str(tmp_path / "out")
+    args = {"predict": [str(run), str(tmp_path / "x.png")], "finetune": ["--from", str(run), "--out", out],
+            "compress": [str(run), "--prune", "0.5", "--out", out],
+            "export": [str(run), "--out", out + ".onnx"]}.get(verb, [str(run)])
+    status, err = cli_main(capsys, verb, *args)
+    assert_one_line_error(status, err, f"{run / 'model.safetensors'}: not a valid safetensors file")
+    if verb == "finetune":  # a weights file given directly
+        status, err = cli_main(capsys, "finetune", "--from", str(zipped), "--model", "linear", "--subset", "100",
+                               "--out", out)
+        assert_one_line_error(status, err, f"{zipped}: refused to load")
+    assert not marker.exists()
+
+
+@pytest.fixture()
+def run_copy(tmp_path, small_run) -> Path:
+    run = tmp_path / "copy"
+    run.mkdir()
+    for path in small_run.iterdir():
+        if path.is_file():
+            (run / path.name).write_bytes(path.read_bytes())
+    return run
+
+
+def test_truncated_and_corrupt_checkpoints_name_the_file(run_copy, capsys):
+    state, weights = run_copy / runs.STATE_FILE, run_copy / runs.MODEL_FILE
+    good_state, good_weights = state.read_bytes(), weights.read_bytes()
+    for cut in (0, 10, len(good_state) // 2, len(good_state) - 10):
+        state.write_bytes(good_state[:cut])
+        with pytest.raises(CheckpointError, match=f"{state}: not a readable checkpoint"):
+            trainforge.train(resume=run_copy, progress=False)
+    state.write_bytes(good_state[:len(good_state) // 2])
+    status, err = cli_main(capsys, "train", "--resume", str(run_copy))
+    assert_one_line_error(status, err, f"{state}: not a readable checkpoint (truncated or corrupt")
+    for broken in (good_weights[:len(good_weights) // 2], b"\xff" * 8 + good_weights[8:], b"", b"{}"):
+        weights.write_bytes(broken)
+        status, err = cli_main(capsys, "eval", str(run_copy))
+        assert_one_line_error(status, err, f"{weights}: not a valid safetensors file")
+
+
+@pytest.mark.parametrize("mutate,why", [
+    (lambda s: [], "expected a mapping"),
+    (lambda s: {k: v for k, v in s.items() if k != "metrics"}, "'metrics' is missing"),
+    (lambda s: {**s, "position": {**s["position"], "epoch": "one"}}, "position 'epoch' is 'one'"),
+    (lambda s: {**s, "position": {**s["position"], "global_step": -5}}, "position 'global_step' is -5"),
+    (lambda s: {**s, "model": {"weight": [1.0]}}, "'model' must map parameter names to tensors"),
+    (lambda s: {**s, "metrics": [{"epoch": 1}]}, "'metrics' must be a list of per-epoch records"),
+])
+def test_checkpoints_of_the_wrong_layout_are_refused(run_copy, mutate, why):
+    state = runs.safe_torch_load(run_copy / runs.STATE_FILE)
+    torch.save(mutate(state), run_copy / runs.STATE_FILE)
+    with pytest.raises(CheckpointError, match=f"{run_copy / 'state.pt'}: not a trainforge checkpoint .*{why}"):
+        trainforge.train(resume=run_copy, progress=False)
+
+
+def test_weights_that_do_not_fit_the_model_are_refused(run_copy, capsys):
+    weights = runs.load_weights(run_copy / runs.MODEL_FILE)
+    runs.save_weights(run_copy / runs.MODEL_FILE, {**weights, "extra.bias": torch.zeros(3)})
+    status, err = cli_main(capsys, "eval", str(run_copy))
+    assert_one_line_error(status, err, "weights do not fit the model", "unexpected keys: extra.bias")
+
+
+def test_config_files_with_wrong_types_unknown_keys_or_hostile_yaml_name_the_file(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    marker = tmp_path / "owned"
+    cases = [(b"epochs: three\n", "field 'epochs' expects a number, got 'three'"),
+             (b"learning_rate: 0.1\n", "unknown field(s) learning_rate"),
+             (b"- 1\n- 2\n", "expected a mapping"),
+             (f"!!python/object/apply:os.system ['touch {marker}']\n".encode(), "not valid YAML"),
+             (b"batch_size: 1.5\n", "field 'batch_size' expects an integer"),
+             (b"seed: 99999999999999999999\n", "field 'seed' must be <= 4294967295"),
+             (b"\xff\xfe\x00epochs: 1", "cannot read config file")]
+    for data, message in cases:
+        path.write_bytes(data)
+        status, err = cli_main(capsys, "train", "--config", str(path))
+        assert_one_line_error(status, err, f"{path}: ", message)
+    assert not marker.exists()
+    # Nested aliases describe a structure with 10^8 leaves: quoting it whole would never finish.
+    lines = ["lr:", "  - &a [1, 1, 1, 1, 1, 1, 1, 1, 1, x]"]
+    lines += [f"  - &{n} [{', '.join([f'*{p}'] * 10)}]" for p, n in zip("abcdefg", "bcdefgh", strict=True)]
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ConfigError, match="field 'lr' expects a number") as info:
+        cfg.load_file(cfg.TrainConfig, path)
+    assert len(str(info.value)) < 1000
+
+
+def test_data_files_with_wrong_magic_or_size_name_the_file(tmp_path, data_root, capsys):
+    root = tmp_path / "data"
+    (root / "mnist").mkdir(parents=True)
+    for path in (data_root / "mnist").iterdir():
+        (root / "mnist" / path.name).write_bytes(path.read_bytes())
+    labels = next((root / "mnist").glob("train-labels-idx1-ubyte*"))
+    for broken, message in ((b"\x12\x34\x08\x01\x00\x00\x00\x02\x01\x02", "not an IDX file"),
+                            (b"\x00\x00\x08\x01\x00\x00\xea\x60\x01\x02", "truncated IDX data")):
+        labels.write_bytes(gzip.compress(broken) if labels.suffix == ".gz" else broken)
+        status, err = cli_main(capsys, "train", "--data-dir", str(root), "--epochs", "1")
+        assert_one_line_error(status, err, str(labels), message)
+
+
+# ---- fuzzing: random and mutated input to every parser ---------------------------------------------------------
+# The IDX reader is fuzzed in tests/test_data.py (1,000 random and 1,000 mutated files); here: config and checkpoints.
+
+FUZZ = settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow],
+                database=None)
+FIELDS = [f.name for f in dataclasses.fields(cfg.TrainConfig)]
+scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8)
+values = scalars | st.lists(scalars, max_size=3) | st.dictionaries(st.text(max_size=4), scalars, max_size=2)
+
+
+@FUZZ
+@given(st.dictionaries(st.sampled_from(FIELDS) | st.text(max_size=8), values, max_size=5))
+def test_fuzz_config_from_mappings(mapping):
+    try:
+        config = cfg.from_dict(cfg.TrainConfig, mapping)
+    except ConfigError:
+        return
+    assert cfg.from_dict(cfg.TrainConfig, cfg.to_dict(config)) == config
+
+
+_YAMLISH = st.lists(st.sampled_from(list("\n :-[]{}&*!#|>'\",.?%@`\t\\") + FIELDS[:8] + ["1", "0.5", "true", "~"]),
+                    max_size=30).map("".join)
+
+
+@pytest.fixture(scope="module")
+def fuzz_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("fuzz")
+
+
+@FUZZ
+@given(data=st.binary(max_size=200) | _YAMLISH.map(str.encode))
+def test_fuzz_config_files(fuzz_dir, data):
+    path = fuzz_dir / "c.yaml"
+    path.write_bytes(data)
+    try:
+        cfg.load_file(cfg.TrainConfig, path)
+    except ConfigError as exc:
+        assert str(exc).startswith(f"{path}: ")
+
+
+def _fuzz_load(directory: Path, data: bytes, suffix: str) -> None:
+    path = directory / f"f{suffix}"
+    path.write_bytes(data)
+    for loader in (runs.safe_torch_load, runs.load_weights):
+        try:
+            state = loader(path)
+        except CheckpointError as exc:
+            assert str(exc).startswith(f"{path}: ")
+            continue
+        if loader is runs.safe_torch_load:
+            with contextlib.suppress(CheckpointError):
+                _check_state(state, path)
+
+
+@FUZZ
+@given(data=st.binary(max_size=300), suffix=st.sampled_from([".pt", ".safetensors"]))
+def test_fuzz_checkpoint_loaders_with_random_bytes(fuzz_dir, data, suffix):
+    _fuzz_load(fuzz_dir, data, suffix)
+
+
+def _small_state() -> bytes:
+    buffer = io.BytesIO()
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    position = {"epoch": 1, "step_in_epoch": 0, "global_step": 3, "elapsed": 0.5, "skips": 0, "loss_sum": 0.0,
+                "loss_count": 0}
+    torch.save({"format": 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": {},
+                "rng_cpu": torch.get_rng_state()[:16], "position": position,
+                "metrics": [{"epoch": 1, "test_acc": 0.5, "test_loss": 1.0}]}, buffer)
+    return buffer.getvalue()
+
+
+def _small_weights() -> bytes:
+    from safetensors.torch import save
+
+    return save({"linear.weight": torch.ones(2, 3), "linear.bias": torch.zeros(2)})
+
+
+VALID = {".pt": _small_state(), ".safetensors": _small_weights()}
+
+
+@st.composite
+def mutated_checkpoints(draw: st.DrawFn) -> tuple[bytes, str]:
+    suffix = draw(st.sampled_from(sorted(VALID)))
+    data = bytearray(VALID[suffix])
+    for _ in range(draw(st.integers(0, 4))):
+        data[draw(st.integers(0, len(data) - 1))] = draw(st.integers(0, 255))
+    if draw(st.booleans()):
+        data = data[:draw(st.integers(0, len(data)))]
+    return bytes(data), suffix
+
+
+@FUZZ
+@given(case=mutated_checkpoints())
+def test_fuzz_checkpoint_loaders_with_mutated_files(fuzz_dir, case):
+    _fuzz_load(fuzz_dir, *case)
+
+
+# ---- user input: every train option is validated ---------------------------------------------------------------
+
+def _violations(field: dataclasses.Field) -> list:
+    meta, base = field.metadata, cfg._base_type(cfg._field_types(cfg.TrainConfig)[field.name])
+    bad = []
+    if meta.get("choices"):
+        bad.append("no-such-choice")
+    if meta.get("positive"):
+        bad.append(0)
+    if meta.get("low") is not None:
+        bad.append(meta["low"] - 1)
+    if meta.get("high") is not None:
+        bad.append(meta["high"] + 1)
+    if base in (int, float):
+        bad.append("many")
+    return [[v, v] if getattr(base, "__origin__", None) is list and not isinstance(v, str) else v for v in bad]
+
+
+# Free-form options that code (not field metadata) checks: each with a bad value and the message it must give.
+CHECKED_IN_CODE = {
+    "recipe": (["--recipe", "fast"], "unknown recipe 'fast'; known recipes"),
+    "data": (["--data", "nowhere"], "neither a built-in data set"),
+    "data_dir": (["--data-dir", "{tmp}/missing"], "missing {tmp}/missing/mnist/"),
+    "model": (["--model", "gpt5"], "unknown model 'gpt5'"),
+    "device": (["--device", "tpu"], "--device: expected auto, cpu, cuda, cuda:N or mps; got 'tpu'"),
+    "out": (["--out", "{tmp}/file"], "--out {tmp}/file: is a file, expected a run directory"),
+}
+
+
+def test_every_train_option_has_a_validation_rule():
+    for field in dataclasses.fields(cfg.TrainConfig):
+        if field.type in ("bool", bool) or field.name in CHECKED_IN_CODE:
+            continue
+        assert _violations(field), f"--{field.name.replace('_', '-')} accepts anything: give it choices or bounds"
+
+
+@pytest.mark.parametrize("field", [f for f in dataclasses.fields(cfg.TrainConfig) if _violations(f)],
+                         ids=lambda f: f.name)
+def test_out_of_range_values_are_refused_with_what_was_expected(field):
+    for bad in _violations(field):
+        with pytest.raises(ConfigError, match=f"field '{field.name}' (must be|expects)"):
+            cfg.from_dict(cfg.TrainConfig, {field.name: bad})
+
+
+def test_bad_train_options_are_one_line_errors_in_the_cli(tmp_path, capsys, offline):
+    (tmp_path / "file").write_text("not a directory")
+    cases = [(args, message) for args, message in CHECKED_IN_CODE.values()] + [
+        (["--batch-size", "0"], "field 'batch_size' must be > 0, got 0"),
+        (["--epochs", "0"], "field 'epochs' must be > 0"),
+        (["--eval-batch-size", "-1"], "field 'eval_batch_size' must be > 0, got -1"),
+        (["--lr", "nan"], "field 'lr' must be a finite number"),
+        (["--seed", str(2 ** 64)], "field 'seed' must be <= 4294967295"),
+        (["--precision", "fp16", "--device", "cpu"], "--precision fp16 needs a GPU"),
+        (["--device", "cuda:x"], "--device: expected auto, cpu, cuda, cuda:N or mps"),
+        (["--subset", "70000"], "--subset 70000 exceeds the 60000 training images of mnist"),
+        (["--resume", "{tmp}/file"], "no such run directory"),
+        (["--config", "{tmp}"], "cannot read config file"),
+    ]
+    for args, message in cases:
+        args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+        status, err = cli_main(capsys, "train", "--epochs", "1", "--no-tensorboard", "--quiet", *args)
+        assert_one_line_error(status, err, message.replace("{tmp}", str(tmp_path)))
+
+
+def test_bad_eval_and_predict_options_are_one_line_errors(small_run, tmp_path, capsys):
+    image = tmp_path / "missing.png"
+    for args, message in ((["eval", str(small_run), "--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+                          (["eval", str(small_run), "--device", "bogus"], "--device: expected auto, cpu, cuda"),
+                          (["predict", str(small_run), str(image), "--top-k", "0"], "--top-k must be >= 1, got 0"),
+                          (["predict", str(small_run), str(image), "--device", "bogus"], "--device: expected auto"),
+                          (["predict", str(small_run), str(image)], f"{image}: no such image file")):
+        status, err = cli_main(capsys, *args)
+        assert_one_line_error(status, err, message)
+
+
+def test_argparse_errors_say_what_was_expected(capsys):
+    for args, message in ((["--batch-size", "ten"], "expected an integer, got 'ten'"),
+                          (["--optimizer", "lion"], "invalid choice: 'lion'"),
+                          (["--betas", "x"], "expected a number, got 'x'")):
+        status, err = cli_main(capsys, "train", *args)
+        assert status == 2 and message in err and "Traceback" not in err
+
+
+def test_large_seeds_train_with_augmentation(tmp_path, small):
+    result = trainforge.train(small_config(tmp_path / "s", seed=2 ** 32 - 1, augment="flip-translate"), data=small,
+                              progress=False)
+    assert result.steps == 10
