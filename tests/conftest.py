@@ -42,6 +42,23 @@ def trained_run(tmp_path_factory, mnist) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def small_cnn_run(tmp_path_factory, mnist) -> Path:
+    """A narrow cnn (width 8) trained two epochs on 2,000 MNIST images (evaluated on 1,000): a quick conv model well
+    above chance (about 70%), for tests of export, serving and compression."""
+    import trainforge
+    from trainforge.data import DataBundle, ImageSet, balanced_subset
+
+    idx = balanced_subset(mnist.train.labels, 2000, 0)
+    bundle = DataBundle("mnist", ImageSet(mnist.train.images[idx], mnist.train.labels[idx], mnist.classes),
+                        ImageSet(mnist.test.images[:1000], mnist.test.labels[:1000], mnist.classes),
+                        mnist.mean, mnist.std)
+    out = tmp_path_factory.mktemp("runs") / "cnn8"
+    trainforge.train({"model": "cnn", "width": 8, "epochs": 2, "batch_size": 32, "out": str(out),
+                      "tensorboard": False}, data=bundle, progress=False)
+    return out
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300, env: dict | None = None
             ) -> subprocess.CompletedProcess:
     """Runs `python -m trainforge ARGS` in a subprocess, as a user would."""

@@ -23,3 +23,7 @@ class CheckpointError(TrainforgeError):
 
 class TrainingError(TrainforgeError):
     """Training cannot continue (non-finite loss, failed checkpoint write, ...)."""
+
+
+class DeployError(TrainforgeError):
+    """A model cannot be compressed, exported or served as asked (or an exported copy disagrees with it)."""

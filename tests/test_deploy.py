@@ -1,0 +1,299 @@
+"""Export (ONNX / torch.export parity) and serving (a real server process, a real HTTP client)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, run_cli
+
+httpx = pytest.importorskip("httpx")
+ort = pytest.importorskip("onnxruntime")
+
+
+@pytest.fixture(scope="module")
+def onnx_file(small_cnn_run, tmp_path_factory) -> Path:
+    """The run exported through the CLI, as a user would; the export checks its own parity."""
+    out = tmp_path_factory.mktemp("onnx") / "model.onnx"
+    result = run_cli("export", str(small_cnn_run), "--format", "onnx", "--out", str(out), "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["parity"]["images"] == 1000
+    assert summary["parity"]["max_abs_diff"] <= 1e-4
+    assert summary["parity"]["top1_agreement"] >= 0.999
+    assert summary["size_bytes"] == out.stat().st_size
+    return out
+
+
+def test_onnx_export_keeps_load_contract_with_dynamic_batch(small_cnn_run, onnx_file, mnist):
+    import trainforge
+    from trainforge.deploy import read_onnx_info
+
+    model = trainforge.load(small_cnn_run)
+    session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+    (inp,) = session.get_inputs()
+    assert inp.type == "tensor(uint8)" and inp.shape[1:] == [1, 28, 28] and not isinstance(inp.shape[0], int)
+    for n in (1, 7, 300):  # batch sizes other than the export example's
+        images = mnist.test.images[-n:]
+        got = session.run(None, {inp.name: images.numpy()})[0]
+        with torch.inference_mode():
+            want = model(images).numpy()
+        assert got.shape == (n, 10)
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+    info = read_onnx_info(onnx_file)
+    assert info.classes == model.classes and info.model == "cnn" and info.image_size == 28
+
+
+def test_pt2_export_roundtrip(small_cnn_run, tmp_path, mnist):
+    import trainforge
+    from trainforge.deploy.export import export_run, load_program
+
+    out = tmp_path / "model.pt2"
+    result = export_run(small_cnn_run, out, format="pt2", check_images=200)
+    assert result["parity"]["max_abs_diff"] <= 1e-4 and result["parity"]["top1_agreement"] >= 0.999
+    module, info = load_program(out)
+    images = mnist.test.images[:5]
+    with torch.inference_mode():
+        torch.testing.assert_close(module(images), trainforge.load(small_cnn_run)(images), atol=1e-4, rtol=0)
+    assert info.classes == [str(i) for i in range(10)]
+
+
+def test_export_that_disagrees_is_an_error_and_leaves_no_file(small_cnn_run, tmp_path, monkeypatch):
+    from trainforge.deploy import export
+    from trainforge.errors import DeployError
+
+    # A candidate that is off by a constant on one logit stands in for a broken exporter.
+    def skewed(session):
+        name = session.get_inputs()[0].name
+        return lambda images: session.run(None, {name: images})[0] + np.eye(10, dtype=np.float32)[3] * 5.0
+    monkeypatch.setattr(export, "onnx_predictor", skewed)
+    out = tmp_path / "bad.onnx"
+    with pytest.raises(DeployError, match="disagrees"):
+        export.export_run(small_cnn_run, out, check_images=100)
+    assert not out.exists()
+
+
+def test_export_errors_name_the_problem(small_cnn_run, tmp_path):
+    from trainforge.deploy.export import export_run
+    from trainforge.errors import CheckpointError, DeployError
+
+    result = run_cli("export", str(small_cnn_run), "--out", str(tmp_path / "m.onnx"), "--opset", "3")
+    assert result.returncode == 2 and "--opset" in result.stderr and "Traceback" not in result.stderr
+    with pytest.raises(CheckpointError, match="nope"):
+        export_run(tmp_path / "nope", tmp_path / "m.onnx")
+    with pytest.raises(DeployError, match="does not exist"):
+        export_run(small_cnn_run, tmp_path / "missing" / "m.onnx")
+    with pytest.raises(DeployError, match="--format"):
+        export_run(small_cnn_run, tmp_path / "m.tflite", format="tflite")
+
+
+def test_serve_backend_choices(small_cnn_run, onnx_file):
+    from trainforge.deploy.serve import load_predictor
+    from trainforge.errors import DeployError
+
+    torch_pred = load_predictor(small_cnn_run, "torch")
+    onnx_pred = load_predictor(onnx_file, "auto")
+    assert (torch_pred.backend, onnx_pred.backend) == ("torch", "onnxruntime")
+    # From a run directory, auto exports to ONNX in memory and times both runtimes; either may win on a given CPU.
+    auto_pred = load_predictor(small_cnn_run, "auto", probe_batch=8)
+    assert auto_pred.backend in ("torch", "onnxruntime")
+    images = np.random.default_rng(0).integers(0, 256, (4, 1, 28, 28), dtype=np.uint8)
+    np.testing.assert_allclose(torch_pred.predict(images), onnx_pred.predict(images), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(auto_pred.predict(images), onnx_pred.predict(images), atol=1e-4, rtol=0)
+    with pytest.raises(DeployError, match="onnxruntime"):
+        load_predictor(onnx_file, "torch")
+    with pytest.raises(DeployError, match="expected a run directory"):
+        load_predictor(onnx_file.with_suffix(".txt"), "auto")
+
+
+# --- a real server process ---------------------------------------------------------------------------------------
+
+MAX_BODY = 200_000
+
+
+def start_server(source: Path, *args: str) -> tuple[subprocess.Popen, str]:
+    """`trainforge serve SOURCE ARGS` on a free port of 127.0.0.1, once its /health answers."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen([sys.executable, "-m", "trainforge", "serve", str(source), "--port", str(port), "--quiet",
+                             *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited early: {proc.stderr.read()}")
+        try:
+            httpx.get(base + "/health", timeout=1.0)
+            return proc, base
+        except httpx.TransportError:
+            if time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail("server did not start")
+            time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def server(onnx_file):
+    # A long batching window makes "concurrent requests share a batch" certain rather than timing-dependent.
+    proc, base = start_server(onnx_file, "--max-batch", "32", "--max-wait-ms", "200", "--max-body-bytes",
+                              str(MAX_BODY), "--max-images", "16")
+    yield proc, base
+    proc.kill()
+    proc.wait()
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def expected_labels(run_dir: Path, images: torch.Tensor) -> list[str]:
+    import trainforge
+
+    model = trainforge.load(run_dir)
+    with torch.inference_mode():
+        return [model.classes[i] for i in model(images).argmax(1).tolist()]
+
+
+def test_health_and_valid_requests(server, small_cnn_run, mnist):
+    _, base = server
+    health = httpx.get(base + "/health").json()
+    assert health["status"] == "ok" and health["backend"] == "onnxruntime"
+    assert health["input"]["shape"] == ["N", 1, 28, 28] and health["max_batch"] == 32
+
+    images = mnist.test.images[:3]
+    want = expected_labels(small_cnn_run, images)
+    files = [("file", (f"{i}.png", png_bytes(images[i, 0].numpy()), "image/png")) for i in range(3)]
+    response = httpx.post(base + "/predict", files=files)
+    assert response.status_code == 200, response.text
+    assert [p["label"] for p in response.json()["predictions"]] == want
+    response = httpx.post(base + "/predict", json={"inputs": images[:, 0].tolist()})
+    assert response.status_code == 200, response.text
+    predictions = response.json()["predictions"]
+    assert [p["label"] for p in predictions] == want and all(0 < p["confidence"] <= 1 for p in predictions)
+    response = httpx.post(base + "/predict", content=png_bytes(images[0, 0].numpy()),
+                          headers={"content-type": "image/png"})
+    assert response.status_code == 200 and response.json()["predictions"][0]["label"] == want[0]
+    # An image of another size is resized on the server, like `trainforge predict` resizes inside the model.
+    big = np.kron(images[0, 0].numpy(), np.ones((2, 2), dtype=np.uint8))
+    response = httpx.post(base + "/predict", files={"file": ("big.png", png_bytes(big), "image/png")})
+    assert response.status_code == 200
+
+
+@pytest.mark.parametrize("kwargs, status, message", [
+    (dict(files={"file": ("x.png", b"\x89PNG\r\n\x1a\n-not-really", "image/png")}), 422, "PNG/JPEG"),
+    (dict(content=b"GIF89a" + bytes(100), headers={"content-type": "image/png"}), 422, "PNG/JPEG"),
+    (dict(json={"inputs": [np.zeros((27, 28), int).tolist()]}), 422, "28x28"),
+    (dict(json={"inputs": [[[1, 2], [3]]]}), 422, "equally shaped"),
+    (dict(json={"inputs": [np.full((28, 28), 300).tolist()]}), 422, "between 0 and 255"),
+    (dict(json={"images": []}), 422, "inputs"),
+    (dict(json={"inputs": np.zeros((17, 28, 28), int).tolist()}), 413, "at most 16"),
+    (dict(content=b"{not json", headers={"content-type": "application/json"}), 400, "JSON"),
+    (dict(content=b"x" * (MAX_BODY + 1), headers={"content-type": "image/png"}), 413, "exceeds"),
+    (dict(content=b"hello", headers={"content-type": "text/plain"}), 415, "Content-Type"),
+    (dict(files={"note": (None, "text only")}), 422, "no file"),
+])
+def test_bad_requests_get_4xx_json_and_the_server_keeps_serving(server, kwargs, status, message):
+    _, base = server
+    response = httpx.post(base + "/predict", **kwargs)
+    assert response.status_code == status, response.text
+    assert message in response.json()["error"]
+    assert httpx.get(base + "/health").status_code == 200
+
+
+def test_serve_on_a_taken_port_is_a_one_line_error(server, onnx_file):
+    _, base = server
+    result = run_cli("serve", str(onnx_file), "--port", base.rsplit(":", 1)[1], timeout=120)
+    assert result.returncode == 2 and "cannot listen on 127.0.0.1" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_oversize_image_dimensions_are_refused_before_decoding(server):
+    from PIL import Image
+
+    _, base = server
+    buffer = io.BytesIO()
+    Image.new("L", (3000, 10)).save(buffer, "PNG")  # tiny file, too wide
+    response = httpx.post(base + "/predict", files={"file": ("wide.png", buffer.getvalue(), "image/png")})
+    assert response.status_code == 422 and "3000x10" in response.json()["error"]
+
+
+def batch_counts(base: str) -> tuple[float, float]:
+    """(model calls, model calls of exactly one image) from the server's Prometheus text."""
+    lines = httpx.get(base + "/metrics").text.splitlines()
+    value = {line.split(" ")[0]: float(line.split(" ")[1]) for line in lines if line.startswith("trainforge_batch")}
+    return value["trainforge_batch_size_count"], value['trainforge_batch_size_bucket{le="1.0"}']
+
+
+async def _concurrent(base: str, n: int, images: np.ndarray) -> list:
+    async with httpx.AsyncClient(base_url=base, timeout=60) as client:
+        return await asyncio.gather(*(client.post("/predict", json={"inputs": [images[i % len(images)].tolist()]})
+                                      for i in range(n)))
+
+
+def test_concurrent_requests_are_batched_together(server, small_cnn_run, mnist):
+    _, base = server
+    calls_before, singles_before = batch_counts(base)
+    images = mnist.test.images[:8, 0].numpy()
+    responses = asyncio.run(_concurrent(base, 24, images))
+    assert all(r.status_code == 200 for r in responses)
+    want = expected_labels(small_cnn_run, mnist.test.images[:8])
+    assert [r.json()["predictions"][0]["label"] for r in responses] == [want[i % 8] for i in range(24)]
+    calls, singles = batch_counts(base)
+    # 24 single-image requests arrived within one 200 ms window: fewer model calls than requests, some with > 1.
+    assert calls - calls_before < 24 and (calls - calls_before) > (singles - singles_before)
+    metrics = httpx.get(base + "/metrics").text
+    assert 'trainforge_requests_total{status="200"}' in metrics and "trainforge_request_seconds_bucket" in metrics
+    assert 'trainforge_errors_total{status="422"}' in metrics
+
+
+def test_graceful_shutdown_finishes_in_flight_requests(onnx_file, mnist):
+    proc, base = start_server(onnx_file)
+    port = int(base.rsplit(":", 1)[1])
+    body = json.dumps({"inputs": [mnist.test.images[0, 0].tolist()]}).encode()
+    try:
+        # A request whose body is only half sent is in flight: the server has started answering it.
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.sendall(b"POST /predict HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(body) + body[:100])
+        while "trainforge_requests_in_flight 1.0" not in httpx.get(base + "/metrics").text:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        while True:  # shutting down: no new connections are accepted
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                time.sleep(0.05)
+            except OSError:
+                break
+        sock.sendall(body[100:])
+        reply = b""
+        while b"}" not in reply.rpartition(b"\r\n\r\n")[2]:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+        sock.close()
+        assert reply.startswith(b"HTTP/1.1 200"), reply[:200]
+        assert json.loads(reply.partition(b"\r\n\r\n")[2])["predictions"][0]["label"] in [str(i) for i in range(10)]
+        # uvicorn re-raises the signal once the server has shut down gracefully.
+        assert proc.wait(timeout=60) in (0, -signal.SIGTERM)
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -1,0 +1,83 @@
+"""Quantization: int8 with ONNX Runtime (static QDQ calibrated on training images, and dynamic), and fp16/bf16
+copies of a PyTorch model that still take raw uint8 images and return float32 logits."""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import DeployError
+
+
+def quantize_onnx_static(fp32_path: Path, out_path: Path, calibration: np.ndarray, batch_size: int = 64) -> None:
+    """int8 QDQ model of `fp32_path` (per-channel weights, activations calibrated on `calibration` images)."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self, name: str):
+            self.batches = iter([{name: np.ascontiguousarray(calibration[i:i + batch_size])}
+                                 for i in range(0, len(calibration), batch_size)])
+
+        def get_next(self) -> dict | None:
+            return next(self.batches, None)
+
+    import onnx
+
+    name = onnx.load(str(fp32_path), load_external_data=False).graph.input[0].name
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        # Shape inference and graph folding first, as ONNX Runtime recommends, so that every conv gets quantized.
+        quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+        quantize_static(str(prepared), str(out_path), Reader(name), quant_format=QuantFormat.QDQ,
+                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        # fp32 biases cost the same arithmetic in ONNX Runtime's fused QLinearConv path and keep
+                        # three per-channel tensors per layer (int32 bias, scale, zero point) out of the file.
+                        extra_options={"ActivationSymmetric": False, "WeightSymmetric": True,
+                                       "QuantizeBias": False})
+    _strip(out_path)
+
+
+def quantize_onnx_dynamic(fp32_path: Path, out_path: Path) -> None:
+    """int8-weight model of `fp32_path` whose activations are quantized on the fly, per batch."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+        quantize_dynamic(str(prepared), str(out_path), weight_type=QuantType.QInt8)
+    _strip(out_path)
+
+
+def _strip(path: Path) -> None:
+    import onnx
+
+    from ..deploy.export import strip_for_deployment
+
+    proto = onnx.load(str(path))
+    strip_for_deployment(proto)
+    onnx.save(proto, str(path))
+
+
+class ReducedPrecision(nn.Module):
+    """A classifier whose network runs in fp16/bf16: uint8 images in, float32 logits out, preprocessing in fp32."""
+
+    def __init__(self, classifier: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        if not hasattr(classifier, "preprocess") or not hasattr(classifier, "net"):
+            raise DeployError("fp16/bf16 conversion needs a trainforge classifier (preprocess + net)")
+        self.preprocess = copy.deepcopy(classifier.preprocess)
+        self.net = copy.deepcopy(classifier.net).to(dtype)
+        self.dtype = dtype
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(self.preprocess(images).to(self.dtype)).float()
+
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
