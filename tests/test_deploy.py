@@ -70,6 +70,16 @@ def test_pt2_export_roundtrip(small_cnn_run, tmp_path, mnist):
     assert info.classes == [str(i) for i in range(10)]
 
 
+def test_serve_refuses_pt2_programs(tmp_path):
+    from trainforge.deploy.serve import load_predictor
+    from trainforge.errors import DeployError
+
+    program = tmp_path / "model.pt2"
+    program.write_bytes(b"PK\x03\x04 not even looked at")
+    with pytest.raises(DeployError, match="model.pt2: .pt2 programs are not served"):
+        load_predictor(program)
+
+
 def test_export_that_disagrees_is_an_error_and_leaves_no_file(small_cnn_run, tmp_path, monkeypatch):
     from trainforge.deploy import export
     from trainforge.errors import DeployError

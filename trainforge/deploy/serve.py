@@ -1,6 +1,7 @@
 """Serve a model over HTTP (FastAPI + uvicorn) with dynamic batching of concurrent requests.
 
-SOURCE is a run directory, an ONNX file written by `trainforge export`, or a .pt2 torch.export program.
+SOURCE is a run directory or an ONNX file written by `trainforge export`. A .pt2 torch.export program is refused:
+loading one unpickles Python objects, so a crafted file could run code on the server.
 
 Endpoints:
   POST /predict   an image (PNG/JPEG) as multipart/form-data (one or more files) or as the raw body
@@ -18,7 +19,7 @@ and finishes the requests in flight before exiting.
 
 --backend auto (the default) serves a run directory with the faster of ONNX Runtime and PyTorch, timed on a full
 batch at start-up (on CPUs ONNX Runtime usually wins by several times for the small models here); an .onnx file
-runs on ONNX Runtime, a .pt2 program on PyTorch.
+runs on ONNX Runtime.
 
 Examples:
   trainforge serve runs/x                                   # http://127.0.0.1:8000
@@ -50,7 +51,7 @@ BACKENDS = ("auto", "onnxruntime", "torch")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("source", metavar="RUN_DIR_OR_ONNX", help="run directory, .onnx file or .pt2 program")
+    parser.add_argument("source", metavar="RUN_DIR_OR_ONNX", help="run directory or .onnx file")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
     parser.add_argument("--max-batch", type=int, default=64, help="most images per model call (default: 64)")
@@ -71,11 +72,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def load_predictor(source: str | os.PathLike, backend: str = "auto", threads: int | None = None,
                    probe_batch: int = 64) -> Predictor:
-    """The model at `source` (run directory, .onnx or .pt2) on the asked runtime; 'auto' times the candidates on a
+    """The model at `source` (run directory or .onnx) on the asked runtime; 'auto' times the candidates on a
     batch of `probe_batch` images and keeps the faster."""
     from .app import Predictor
-    from .export import (PT2_INFO_FILE, export_onnx, load_program, onnx_predictor, onnx_session, read_onnx_info,
-                         torch_predictor)
+    from .export import export_onnx, onnx_predictor, onnx_session, read_onnx_info, torch_predictor
 
     if backend not in BACKENDS:
         raise DeployError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
@@ -106,16 +106,12 @@ def load_predictor(source: str | os.PathLike, backend: str = "auto", threads: in
         session = onnx_session(source, threads, spin=False)
         info = read_onnx_info(source) or _info_from_session(session, source)
         candidates = {"onnxruntime": lambda: onnx_predictor(session)}
-    elif source.suffix == ".pt2" and source.is_file():
-        if backend == "onnxruntime":
-            raise DeployError(f"{source}: a torch.export program runs on --backend torch; export ONNX for "
-                              f"onnxruntime")
-        module, info = load_program(source)
-        if info is None:
-            raise DeployError(f"{source}: no {PT2_INFO_FILE} inside; export it with `trainforge export --format pt2`")
-        candidates = {"torch": lambda: torch_predictor(module)}
+    elif source.suffix == ".pt2":
+        raise DeployError(f"{source}: .pt2 programs are not served: loading one unpickles Python objects, which a "
+                          f"crafted file can use to run code; serve the run directory or an ONNX export of it "
+                          f"(trainforge export RUN_DIR --format onnx)")
     else:
-        raise DeployError(f"{source}: expected a run directory, an .onnx file or a .pt2 file")
+        raise DeployError(f"{source}: expected a run directory or an .onnx file")
 
     names = list(candidates) if backend == "auto" else [backend]
     built = {name: candidates[name]() for name in names}

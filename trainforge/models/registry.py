@@ -7,6 +7,7 @@ it well, so training, `load()`, export and serving all read the same facts.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from typing import Callable
 
 import torch
@@ -58,6 +59,17 @@ def model_entry(name: str) -> ModelEntry:
 def list_models() -> list[str]:
     _load_builtin_families()
     return sorted(_REGISTRY)
+
+
+def effective_width(name: str, width: int | None) -> int | None:
+    """The width `create_model(name, width=width)` builds with: the given one, else the builder's default.
+
+    Runs record this rather than None, so a later change of a default cannot break loading an older run.
+    """
+    if width is not None:
+        return width
+    parameter = inspect.signature(model_entry(name).builder).parameters.get("width")
+    return None if parameter is None or parameter.default is inspect.Parameter.empty else parameter.default
 
 
 def create_model(name: str, num_classes: int = 10, in_channels: int = 1, image_size: int = 28,
@@ -131,4 +143,4 @@ def build_classifier(name: str, num_classes: int, in_channels: int, image_size: 
 
 def _load_builtin_families() -> None:
     # Imported lazily so that importing the registry stays cheap and free of import cycles.
-    from . import small, torchvision_zoo  # noqa: F401
+    from . import pretrained, small, torchvision_zoo  # noqa: F401

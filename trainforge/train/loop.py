@@ -25,6 +25,7 @@ from ..data import DataBundle, eval_batches, load_data, make_train_loader
 from ..data.loaders import holdout_split
 from ..errors import CheckpointError, ConfigError, TrainingError
 from ..models import build_classifier
+from ..models.registry import effective_width
 from . import distributed, recipes
 from .device import autocast, configure_backends, configure_host_allocator, resolve_device, resolve_precision, synchronize
 from .monitor import Monitor
@@ -97,7 +98,7 @@ def train(config: cfg.TrainConfig | dict | None = None, *, resume: str | os.Path
     info = model_info or runs.ModelInfo(model=config.model, num_classes=len(bundle.classes),
                                         classes=list(bundle.classes), in_channels=bundle.in_channels,
                                         image_size=bundle.image_size, mean=list(bundle.mean), std=list(bundle.std),
-                                        width=config.width)
+                                        width=effective_width(config.model, config.width))
     model = model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
