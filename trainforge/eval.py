@@ -30,6 +30,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def evaluate_run(run_dir: str | Path, data: str | None = None, data_dir: str | None = None, device: str = "auto",
                  precision: str = "auto", batch_size: int = 2000) -> dict[str, Any]:
     """Test accuracy and loss of a run's model, with the run's training facts alongside."""
+    import torch
+
     from .data import load_data
     from .train.device import resolve_device, resolve_precision, synchronize
     from .train.loop import evaluate
@@ -47,7 +49,11 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, data_dir: str | N
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
     model.to(dev)
-    images, labels = bundle.test.images.to(dev), bundle.test.labels.to(dev)
+    labels = bundle.test.labels
+    # A model over several data sets' classes (`finetune --update`) lists each set's classes among its own.
+    if set(bundle.classes) <= set(model.classes) and bundle.classes != model.classes[:len(bundle.classes)]:
+        labels = torch.tensor([model.classes.index(c) for c in bundle.classes])[labels]
+    images, labels = bundle.test.images.to(dev), labels.to(dev)
     start = time.perf_counter()
     acc, loss = evaluate(model, images, labels, batch_size, dev, prec)
     synchronize(dev)

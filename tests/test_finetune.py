@@ -1,0 +1,254 @@
+"""Fine-tuning: sources of weights, frozen/LoRA/gradual strategies, the cached linear probe, --update and the CLI."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import trainforge
+from trainforge import runs
+from trainforge.data import DataBundle, ImageSet, load_data
+from trainforge.errors import CheckpointError, ConfigError, ModelError
+from trainforge.finetune import finetune, sources, strategies
+from trainforge.models import Classifier, Preprocess, create_model, model_entry
+from trainforge.models.pretrained import EfficientNetLite0
+
+from conftest import run_cli
+
+GRACE_HOPPER = Path(__import__("matplotlib").get_data_path()) / "sample_data" / "grace_hopper.jpg"
+MILITARY_UNIFORM = 652  # ImageNet class index
+
+
+def _small(bundle: DataBundle, n_test: int = 300) -> DataBundle:
+    return DataBundle(bundle.name, bundle.train, ImageSet(bundle.test.images[:n_test], bundle.test.labels[:n_test],
+                                                          bundle.test.classes), bundle.mean, bundle.std)
+
+
+@pytest.fixture(scope="module")
+def fashion(data_root) -> DataBundle:
+    return _small(load_data("fashion-mnist", str(data_root), subset=200), n_test=200)
+
+
+@pytest.fixture(scope="module")
+def mnist_cnn(tmp_path_factory, data_root) -> Path:
+    """A cnn trained for one epoch on 1,000 MNIST images: the task-A model that fine-tuning starts from."""
+    out = tmp_path_factory.mktemp("src") / "cnn"
+    trainforge.train({"model": "cnn", "epochs": 1, "out": str(out), "tensorboard": False},
+                     data=_small(load_data("mnist", str(data_root), subset=1000), n_test=200), progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def lite0() -> nn.Module:
+    return sources.load_source("efficientnet_lite0", data=None).net.eval()
+
+
+def _photo(size: int) -> torch.Tensor:
+    from torchvision.io import decode_image
+
+    image = decode_image(str(GRACE_HOPPER)).float()[None]
+    return torch.nn.functional.interpolate(image, size=(size, size), mode="bilinear", antialias=True)
+
+
+def test_efficientnet_lite0_loads_offline_and_recognises_a_photo(lite0):
+    from torchvision.io import decode_image
+
+    # Through the registered input contract, as fine-tuned models see images: raw uint8 in, resized inside.
+    entry = model_entry("efficientnet_lite0")
+    model = Classifier(Preprocess(entry.mean, entry.std, entry.in_channels, entry.image_size), lite0).eval()
+    with torch.no_grad():
+        probs = model(decode_image(str(GRACE_HOPPER))[None]).softmax(1)[0]
+    assert int(probs.argmax()) == MILITARY_UNIFORM
+    assert float(probs[MILITARY_UNIFORM]) > 0.3
+
+
+def test_linear_probe_leaves_the_backbone_untouched(mnist_cnn, fashion, tmp_path):
+    before = trainforge.load(mnist_cnn).net.state_dict()
+    out = finetune({"source": str(mnist_cnn), "strategy": "linear-probe", "cache_features": False},
+                   {"epochs": 1, "batch_size": 32, "out": str(tmp_path / "probe"), "tensorboard": False},
+                   data=fashion, progress=False)
+    after = trainforge.load(tmp_path / "probe").net.state_dict()
+    head = sources.head_name(trainforge.load(mnist_cnn).net)
+    for key, value in before.items():
+        if not key.startswith(head + "."):
+            assert torch.equal(value, after[key]), key  # weights and BatchNorm running statistics alike
+    assert after[f"{head}.weight"].shape == (10, before[f"{head}.weight"].shape[1])
+    assert out["trainable_params"] == after[f"{head}.weight"].numel() + after[f"{head}.bias"].numel()
+    assert out["total_params"] == sum(p.numel() for p in trainforge.load(tmp_path / "probe").parameters())
+
+
+def test_cached_linear_probe_assembles_the_model_it_measured(lite0, fashion, tmp_path):
+    out = finetune({"source": "efficientnet_lite0", "strategy": "linear-probe"},
+                   {"epochs": 2, "image_size": 32, "out": str(tmp_path / "cached"), "tensorboard": False},
+                   data=fashion, progress=False)
+    assert out["cached_features"] is True
+    model = trainforge.load(tmp_path / "cached")
+    assert model.info.model == "efficientnet_lite0" and model.info.image_size == 32
+    with torch.no_grad():
+        acc = (model(fashion.test.images).argmax(1) == fashion.test.labels).float().mean().item()
+    assert acc == pytest.approx(out["test_acc"], abs=1e-6)
+    assert acc > 0.3  # 10 classes: well above chance after 2 epochs on 200 images
+
+
+def test_lora_trains_only_adapters_and_head():
+    net = create_model("cnn", num_classes=10, in_channels=1, image_size=28, width=32)
+    rank = 4
+    wrapped = strategies.apply_lora(net, "7", rank=rank, alpha=8, dropout=0.0, targets=None)
+    # conv k x k (cin -> cout): A is r x cin x k x k, B is cout x r; the head Linear(64, 10) trains whole.
+    convs = [(1, 32), (32, 64), (64, 64)]
+    expected = sum(rank * (cin * 9 + cout) for cin, cout in convs) + 64 * 10 + 10
+    assert strategies.count_params(wrapped, trainable_only=True) == expected
+    narrowed = strategies.apply_lora(create_model("cnn", num_classes=10, width=32), "7", rank, 8, 0.0,
+                                     targets=r"4\.0")
+    assert strategies.count_params(narrowed, trainable_only=True) == rank * (64 * 9 + 64) + 650  # the third conv only
+    with pytest.raises(ConfigError, match="matches no"):
+        strategies.apply_lora(create_model("cnn", num_classes=10), "7", rank, 8, 0.0, targets="nothing")
+
+
+def test_lora_on_lite0_is_small_and_merges_exactly(lite0):
+    import copy
+
+    net = copy.deepcopy(lite0)
+    strategies.replace_head(net, "_fc", 10)
+    wrapped = strategies.apply_lora(net, "_fc", rank=8, alpha=16, dropout=0.0, targets=None)
+    trainable, total = strategies.count_params(wrapped, True), strategies.count_params(wrapped)
+    assert trainable < 0.10 * total
+    torch.manual_seed(0)
+    for name, p in wrapped.named_parameters():
+        if "lora_B" in name:  # B starts at zero; give the adapters a real effect
+            nn.init.normal_(p, std=0.02)
+    x = _photo(96) / 255
+    wrapped.eval()
+    with torch.no_grad():
+        unmerged = wrapped(x)
+        merged_net = strategies.merge_lora(wrapped).eval()
+        merged = merged_net(x)
+    assert isinstance(merged_net, EfficientNetLite0)
+    assert torch.allclose(unmerged, merged, atol=1e-4 * unmerged.abs().max().item())
+    plain = create_model("efficientnet_lite0", num_classes=10, in_channels=3, image_size=96)
+    plain.load_state_dict(merged_net.state_dict())  # a plain architecture: no adapter keys remain
+
+
+def test_gradual_unfreezer_opens_blocks_from_the_top():
+    net = create_model("cnn", num_classes=10)
+    units = strategies.gradual_units(net, "7")
+    assert [type(u).__name__ for u in units] == ["Sequential"] * 3
+    model = nn.Sequential(net)
+    unfreezer = strategies.GradualUnfreezer(units, stages=3, steps_per_stage=2)
+    unfreezer.attach(model)
+    model.train()
+    seen = []
+    for _ in range(8):
+        model(torch.zeros(1, 1, 28, 28))
+        seen.append([any(p.requires_grad for p in u.parameters()) for u in units])
+    assert seen[0] == seen[1] == [False, False, False]
+    assert seen[2] == seen[3] == [False, False, True]
+    assert seen[4] == [False, True, True]
+    assert seen[7] == [True, True, True]
+
+
+def test_gradual_finetune_ends_with_everything_trained(mnist_cnn, fashion, tmp_path):
+    out = finetune({"source": str(mnist_cnn), "strategy": "gradual", "unfreeze_stages": 1, "unfreeze_every": 1},
+                   {"epochs": 2, "batch_size": 50, "out": str(tmp_path / "gradual"), "tensorboard": False},
+                   data=fashion, progress=False)
+    assert out["trainable_params"] == out["total_params"]
+    before, after = trainforge.load(mnist_cnn).net, trainforge.load(tmp_path / "gradual").net
+    assert not torch.equal(before[0][0].weight, after[0][0].weight)  # the first conv trained in epoch 2
+
+
+def test_mismatched_weights_fail_with_the_keys(tmp_path, fashion):
+    wide = tmp_path / "wide.safetensors"
+    default_width = create_model("cnn", num_classes=10)[0][0].out_channels
+    runs.save_weights(wide, create_model("cnn", num_classes=10, width=2 * default_width).state_dict())
+    with pytest.raises(CheckpointError, match=r"wide.safetensors.*shape mismatches.*0\.0\.weight"):
+        sources.load_source(str(wide), fashion, model="cnn")
+    other = tmp_path / "mlp.pth"
+    torch.save(create_model("mlp", num_classes=10).state_dict(), other)
+    with pytest.raises(CheckpointError, match=r"missing keys: 0\.0\.weight.*unexpected keys: 1\."):
+        sources.load_source(str(other), fashion, model="cnn")
+    with pytest.raises(ConfigError, match="needs --model"):
+        sources.load_source(str(wide), fashion)
+    pickled = tmp_path / "code.pth"
+    torch.save({"weights": create_model("linear", 10)}, pickled)  # a whole module: unpickling would run code
+    with pytest.raises(CheckpointError, match="refused to load"):
+        sources.load_source(str(pickled), fashion, model="linear")
+    fitting = tmp_path / "cnn.safetensors"
+    runs.save_weights(fitting, create_model("cnn", num_classes=7).state_dict())
+    source = sources.load_source(str(fitting), fashion, model="cnn")
+    assert source.net[7].out_features == 7 and source.kind == "file"
+
+
+def test_torchvision_source_offline_uses_the_hub_cache_or_says_where(tmp_path, monkeypatch, fashion):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+
+    def offline(url, dst, *args, **kwargs):
+        raise urllib.error.URLError("Name or service not known")
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    url, cached = sources.torchvision_weights_file("mobilenet_v3_small")
+    with pytest.raises(ModelError, match=f"could not be downloaded.*put that file at {cached}"):
+        sources.load_source("mobilenet_v3_small", fashion)
+    reference = create_model("tv_mobilenet_v3_small", num_classes=1000, in_channels=3, image_size=224)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(reference.state_dict(), cached)
+    source = sources.load_source("mobilenet_v3_small", fashion)
+    assert source.arch == "tv_mobilenet_v3_small" and source.image_size == 224 and source.in_channels == 3
+    assert torch.equal(source.net.features[0][0].weight, reference.features[0][0].weight)
+    with pytest.raises(ModelError, match="not a run directory"):
+        sources.load_source("no_such_model", fashion)
+
+
+def test_update_extends_the_head_and_reports_forgetting(mnist_cnn, fashion, data_root, tmp_path):
+    from trainforge.train.loop import evaluate
+
+    source = trainforge.load(mnist_cnn)
+    mnist = _small(load_data("mnist", str(data_root), subset=500), n_test=500)
+    out = finetune({"source": str(mnist_cnn), "update": True, "replay": 100, "distill": 1.0},
+                   {"epochs": 1, "out": str(tmp_path / "upd"), "tensorboard": False}, data=fashion, old_data=mnist,
+                   progress=False)
+    model = trainforge.load(tmp_path / "upd")
+    assert model.classes[:10] == [str(i) for i in range(10)] and model.classes[10:] == fashion.classes
+    assert model.net[7].out_features == 20
+    assert not torch.equal(model.net[7].weight[:10], source.net[7].weight)  # the joint head trained
+    cpu = torch.device("cpu")
+    assert out["old_task_acc_before"] == evaluate(source, mnist.test.images, mnist.test.labels, 1000, cpu)[0]
+    assert out["old_task_acc"] == evaluate(model, mnist.test.images, mnist.test.labels, 1000, cpu)[0]
+    assert out["new_task_acc"] == evaluate(model, fashion.test.images, fashion.test.labels + 10, 1000, cpu)[0]
+    with pytest.raises(ConfigError, match="needs a run directory"):
+        finetune({"source": "efficientnet_lite0", "update": True}, {"out": str(tmp_path / "x")}, data=fashion)
+
+
+def test_cli_finetune_then_eval_and_predict(mnist_cnn, fashion, tmp_path, capsys):
+    from torchvision.io import write_png
+
+    from trainforge.cli import main
+
+    # A small image folder (train/ and val/), so that the subprocesses spend their time on the verbs, not on data.
+    folder = tmp_path / "clothes"
+    for split, images, labels in (("train", fashion.train.images[:100], fashion.train.labels[:100]),
+                                  ("val", fashion.test.images[:50], fashion.test.labels[:50])):
+        for i, (image, label) in enumerate(zip(images, labels)):
+            target = folder / split / fashion.classes[int(label)].replace("/", "-") / f"{i}.png"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            write_png(image, str(target))
+    out = tmp_path / "cli"
+    done = run_cli("finetune", "--from", str(mnist_cnn), "--data", str(folder), "--strategy", "lora",
+                   "--lora-rank", "4", "--epochs", "1", "--out", str(out), "--json")
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["strategy"] == "lora" and summary["trainable_params"] < summary["total_params"]
+    assert summary["run_dir"] == str(out)
+    evaluated = run_cli("eval", str(out), "--json")
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert json.loads(evaluated.stdout.strip().splitlines()[-1])["test_acc"] == pytest.approx(summary["test_acc"])
+    image = next((folder / "val").glob("*/*.png"))
+    predicted = run_cli("predict", str(out), str(image), "--json")
+    assert predicted.returncode == 0, predicted.stderr
+    assert json.loads(predicted.stdout.strip().splitlines()[-1])[0]["label"] in trainforge.load(out).classes
+    capsys.readouterr()
+    assert main(["finetune", "--from", "no_such_model", "--data", str(folder)]) == 2
+    assert capsys.readouterr().err.strip().startswith("trainforge finetune: error: --from no_such_model")
