@@ -13,8 +13,6 @@ import math
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torchvision import models as tvm
-
 from ..errors import ModelError
 from .registry import register_model
 
@@ -134,6 +132,9 @@ def _torchvision_builder(name: str):
         if in_channels != 3:
             raise ModelError(f"tv_{name} is the ImageNet architecture and takes 3-channel input, not {in_channels} "
                              f"(its preprocessing expands grayscale)")
+        # Imported here, not at the top: every command loads the registry, few build a torchvision model.
+        from torchvision import models as tvm
+
         return tvm.get_model(name, weights=None, num_classes=num_classes)
     build.__doc__ = f"torchvision {name}, the ImageNet architecture (weights via `finetune --from {name}`)."
     return build
