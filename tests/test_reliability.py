@@ -268,7 +268,10 @@ def test_sigkill_at_random_points_then_resume_matches_an_uninterrupted_run(tmp_p
         assert step >= last_step, context
         if temporaries(run, runs.STATE_FILE):  # killed between writing a checkpoint and renaming it into place
             mid_state_write += 1
-            assert step == last_step, "the previous checkpoint must survive a kill during the next one's write"
+            # A kill aimed at this process's first checkpoint write: the one before it is the previous kill's.
+            # (Kills after a random delay may land in a later write, once other checkpoints have landed.)
+            if what == runs.STATE_FILE:
+                assert step == last_step, "the previous checkpoint must survive a kill during the next one's write"
         if (run / runs.MODEL_FILE).exists():
             runs.load_weights(run / runs.MODEL_FILE)
         runs.read_metrics(run)

@@ -98,7 +98,9 @@ def test_interrupted_study_resumes_on_two_workers_and_its_best_config_retrains_t
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
     assert len(kept) >= 2, stderr
-    if proc.returncode != 0:  # it may have finished all trials in the meantime on a fast machine
+    # It may have finished all trials in the meantime on a fast machine (0), or taken the signal while the
+    # interpreter was already shutting down, past the CLI's handler (killed by SIGINT).
+    if proc.returncode not in (0, -signal.SIGINT):
         assert proc.returncode == 130 and "interrupted" in stderr
 
     # The same study resumed, and raised to 6 trials, with 2 worker processes sharing the SQLite file.
