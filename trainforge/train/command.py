@@ -3,6 +3,7 @@
 Examples:
   trainforge train                                   # the reference recipe: linear model on MNIST
   trainforge train --data mnist --model cnn          # >= 99% on MNIST
+  trainforge train --recipe speedrun                 # the fastest way to >= 99% on MNIST
   trainforge train --data fashion-mnist --recipe cnn --epochs 5
   trainforge train --data path/to/folder --model resnet18 --image-size 64
   trainforge train --config runs/x/config.yaml       # re-run a saved run

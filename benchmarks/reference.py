@@ -1,0 +1,132 @@
+"""The reference workload two ways, in one process: a plain PyTorch loop against trainforge's `reference` recipe.
+
+The plain loop is the origin workload as people write it: a torchvision-style `Dataset` (a PIL image per sample,
+`transforms.ToTensor()`, no normalization) behind a `DataLoader` (batch 64, shuffled), `Linear(784, 10)`, SGD lr 0.01,
+10 epochs, a test-set evaluation after each epoch. trainforge runs `trainforge.train({"recipe": "reference"})`: the
+same model and number of epochs (see trainforge/train/recipes.py for what it changes and why).
+
+Both times cover the training loop including the per-epoch evaluations, not the one-time load of the data set.
+The plain loop runs FIRST: trainforge's `train()` tunes glibc's allocator for the process (`mallopt`, see
+trainforge/train/device.py), which would otherwise speed up a plain loop run after it.
+
+Usage:
+  python benchmarks/reference.py              # the full workload (about 2 minutes on a 2-core CPU)
+  python benchmarks/reference.py --json
+  python benchmarks/reference.py --quick      # a small setting for tests: 1 epoch of 2,000 images each
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import trainforge  # noqa: E402
+from trainforge.data import DataBundle, ImageSet, balanced_subset, load_data  # noqa: E402
+
+
+class MNISTImages(Dataset):
+    """What `torchvision.datasets.MNIST` does per item: a PIL image from the uint8 array, then the transform."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        from torchvision import transforms
+
+        self.images = images[:, 0]
+        self.labels = labels
+        self.transform = transforms.ToTensor()
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        from PIL import Image
+
+        image = Image.fromarray(self.images[index].numpy())  # a 2-D uint8 array is mode "L"
+        return self.transform(image), int(self.labels[index])
+
+
+def plain_loop(bundle: DataBundle, epochs: int, seed: int = 0) -> dict[str, float]:
+    """The reference loop; its test accuracy after the last epoch and its wall time."""
+    torch.manual_seed(seed)
+    train_loader = DataLoader(MNISTImages(bundle.train.images, bundle.train.labels), batch_size=64, shuffle=True)
+    test_loader = DataLoader(MNISTImages(bundle.test.images, bundle.test.labels), batch_size=1000)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    loss_fn = nn.CrossEntropyLoss()
+    start = time.perf_counter()
+    acc = 0.0
+    for _ in range(epochs):
+        model.train()
+        for images, labels in train_loader:
+            loss = loss_fn(model(images), labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        model.eval()
+        correct = 0
+        with torch.no_grad():
+            for images, labels in test_loader:
+                correct += (model(images).argmax(1) == labels).sum().item()
+        acc = correct / len(test_loader.dataset)
+    return {"test_acc": acc, "train_seconds": time.perf_counter() - start}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", help="device of the trainforge run (the plain loop is CPU-only)")
+    parser.add_argument("--data-dir", default=None, help="root of the built-in data sets (default: $TRAINFORGE_DATA)")
+    parser.add_argument("--quick", action="store_true", help="a small setting for tests: 1 epoch of 2,000 images")
+    parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads for both arms (default: torch's own choice). On a CPU that other jobs "
+                             "also use, fewer threads than cores avoid threads waiting on each other")
+    args = parser.parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
+    say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.json else print
+
+    bundle = load_data("mnist", args.data_dir)
+    epochs = 10
+    if args.quick:
+        idx = balanced_subset(bundle.train.labels, 2000, 0)
+        bundle = DataBundle(bundle.name, ImageSet(bundle.train.images[idx], bundle.train.labels[idx], bundle.classes),
+                            ImageSet(bundle.test.images[:2000], bundle.test.labels[:2000], bundle.classes),
+                            bundle.mean, bundle.std)
+        epochs = 1
+
+    say(f"plain PyTorch loop ({epochs} epoch(s), batch 64, DataLoader) ...")
+    plain = plain_loop(bundle, epochs)
+    say(f"  {plain['test_acc']:.4f} in {plain['train_seconds']:.2f} s")
+    say("trainforge --recipe reference ...")
+    with tempfile.TemporaryDirectory(prefix="reference-") as tmp:
+        result = trainforge.train({"recipe": "reference", "epochs": epochs, "device": args.device,
+                                   "out": str(Path(tmp) / "run"), "tensorboard": False}, data=bundle, progress=False)
+    ours = {"test_acc": result.test_acc, "train_seconds": result.train_seconds}
+    say(f"  {ours['test_acc']:.4f} in {ours['train_seconds']:.2f} s")
+    report = {"plain": plain, "trainforge": ours, "speedup": plain["train_seconds"] / ours["train_seconds"],
+              "epochs": epochs, "train_images": len(bundle.train.labels), "quick": args.quick,
+              "device": result.device, "torch": torch.__version__, "threads": torch.get_num_threads()}
+    say(f"trainforge: {100 * ours['test_acc']:.2f}% vs {100 * plain['test_acc']:.2f}%, "
+        f"{report['speedup']:.0f}x less training time ({plain['train_seconds']:.1f} s -> "
+        f"{ours['train_seconds']:.2f} s; {torch.get_num_threads()} threads, torch {torch.__version__})")
+    if args.json:
+        print(json.dumps(report))
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""The speed recipes reach their accuracy on real MNIST, and the speed benchmarks run end to end."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import trainforge
+from trainforge import config as cfg
+from trainforge.errors import ModelError
+from trainforge.models import build_classifier, create_model, model_entry
+from trainforge.train import recipes
+
+from conftest import REPO, run_cli
+
+
+def test_speedrun_recipe_reaches_99_percent_on_real_mnist(tmp_path):
+    # The acceptance command itself, one seed: the full training set and the full test set. One thread: on a CPU
+    # shared with other jobs two threads wait on each other and the run can take several times longer.
+    result = run_cli("train", "--recipe", "speedrun", "--device", "cpu", "--seed", "1", "--out",
+                     str(tmp_path / "run"), "--no-tensorboard", "--json", env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["test_acc"] >= 0.99, summary
+    assert summary["epochs"] == pytest.approx(recipes.RECIPES["speedrun"]["epochs"], abs=0.01)
+    saved = cfg.load_file(cfg.TrainConfig, tmp_path / "run" / "config.yaml")
+    assert saved.model == "speedrun_cnn" and saved.recipe == "speedrun"
+
+
+def test_default_cnn_recipe_reaches_99_percent_on_real_mnist(tmp_path, mnist):
+    # What `trainforge train --data mnist --model cnn` does, through the Python API on the loaded data.
+    result = trainforge.train({"data": "mnist", "model": "cnn", "device": "cpu", "out": str(tmp_path / "cnn"),
+                               "tensorboard": False}, data=mnist, progress=False)
+    assert result.test_acc >= 0.99, result
+    assert result.epochs == pytest.approx(recipes.RECIPES["cnn"]["epochs"], abs=0.01)
+
+
+def test_speed_recipes_name_their_models_and_back():
+    assert recipes.resolve(cfg.TrainConfig(recipe="speedrun")).model == "speedrun_cnn"
+    assert recipes.resolve(cfg.TrainConfig(model="speedrun_cnn")).recipe == "speedrun"
+    assert model_entry("cnn").default_recipe == "cnn"
+
+
+@pytest.mark.parametrize("size,channels", [(28, 1), (32, 3), (12, 1)])
+def test_speedrun_cnn_takes_other_sizes_and_channels(size, channels):
+    net = create_model("speedrun_cnn", num_classes=5, in_channels=channels, image_size=size)
+    assert net(torch.randn(2, channels, size, size)).shape == (2, 5)
+
+
+def test_speedrun_cnn_rejects_images_too_small_to_pool_twice():
+    with pytest.raises(ModelError, match="at least 12x12 pixels, got 11x11"):
+        create_model("speedrun_cnn", image_size=11)
+
+
+def test_conv_nets_run_channels_last_and_save_plain_tensors(tmp_path):
+    from trainforge import runs
+
+    model = build_classifier("speedrun_cnn", 10, 1, 28, (0.1307,), (0.3081,))
+    conv2 = model.net[4].weight
+    assert conv2.is_contiguous(memory_format=torch.channels_last) and not conv2.is_contiguous()
+    runs.save_weights(tmp_path / "w.safetensors", model.state_dict())
+    fresh = build_classifier("speedrun_cnn", 10, 1, 28, (0.1307,), (0.3081,))
+    fresh.load_state_dict(runs.load_weights(tmp_path / "w.safetensors"))
+    images = torch.randint(0, 256, (3, 1, 28, 28), dtype=torch.uint8)
+    model.eval(), fresh.eval()
+    assert torch.equal(model(images), fresh(images))
+
+
+def _bench(script: str, *args: str) -> dict:
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args, "--threads", "1", "--json"],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_time_to_accuracy_benchmark_runs_end_to_end():
+    report = _bench("time_to_accuracy.py", "--quick", "--device", "cpu", "--seeds", "2")
+    assert report["quick"] and report["seeds"] == 2 and report["device"] == "cpu"
+    for arm in ("peer", "speedrun"):
+        assert len(report[arm]["accs"]) == 2 and len(report[arm]["seconds"]) == 2
+        assert report[arm]["train_gflop"] > 0
+    # 16 steps on 4,096 images: the peer (no batch norm) is still erratic there, the speedrun recipe already good.
+    assert report["peer"]["acc_mean"] > 0.2 and report["speedrun"]["acc_mean"] > 0.8, report
+    # The speedrun net needs fewer FLOPs per epoch than the peer and trains on a fraction of one.
+    assert report["speedrun"]["train_gflop"] < 0.7 * report["peer"]["train_gflop"]
+    assert report["speedup"] == pytest.approx(report["peer"]["seconds_median"] / report["speedrun"]["seconds_median"])
+
+
+def test_reference_benchmark_runs_end_to_end():
+    report = _bench("reference.py", "--quick")
+    assert report["quick"] and report["epochs"] == 1 and report["train_images"] == 2000
+    # One epoch of 2,000 images (32 plain steps, 4 of trainforge's): both well above chance (0.10), not yet good.
+    assert report["plain"]["test_acc"] > 0.2 and report["trainforge"]["test_acc"] > 0.4, report
+    assert report["speedup"] == pytest.approx(report["plain"]["train_seconds"] / report["trainforge"]["train_seconds"])
