@@ -159,6 +159,20 @@ def test_recipes_fill_what_the_user_left_out():
         recipes.resolve(cfg.TrainConfig(recipe="fast"))
 
 
+def test_models_registered_without_a_recipe_get_the_default_one(tmp_path, mnist):
+    @trainforge.register_model("recipe_less_test_model")
+    def recipe_less(num_classes, in_channels, image_size):
+        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(in_channels * image_size ** 2, num_classes))
+
+    resolved = recipes.resolve(cfg.TrainConfig(model="recipe_less_test_model"))
+    assert resolved.recipe == "default" and resolved.model == "recipe_less_test_model" and resolved.optimizer == "adamw"
+    result = trainforge.train(small_config(tmp_path / "user", model="recipe_less_test_model"), data=mnist,
+                              progress=False)
+    assert result.test_acc > 0.8
+    with pytest.raises(ConfigError, match="recipe 'default' names no model"):
+        recipes.resolve(cfg.TrainConfig(recipe="default"))
+
+
 def test_config_files_reject_unknown_keys_and_wrong_types(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({"lr": "fast"}))

@@ -40,6 +40,10 @@ RECIPES: dict[str, dict] = {
     # launch-bound (~190 steps of a few dozen small kernels), with bf16 autocast and channels-last as the loop sets.
     "speedrun": dict(model="speedrun_cnn", epochs=0.8, batch_size=256, optimizer="adam", lr=1e-2, betas=[0.7, 0.9],
                      weight_decay=0.0, schedule="onecycle", warmup=0.3, label_smoothing=0.1, augment="none"),
+    # For models registered without a recipe of their own (user models): AdamW with one-cycle is a forgiving start
+    # for small image classifiers. It names no model, so it needs --model.
+    "default": dict(epochs=5, batch_size=128, optimizer="adamw", lr=1e-3, betas=[0.9, 0.999], weight_decay=1e-4,
+                    schedule="onecycle", warmup=0.1, label_smoothing=0.0, augment="none"),
     "resnet": dict(model="resnet18", epochs=5, batch_size=128, optimizer="sgd", lr=0.1, momentum=0.9,
                    weight_decay=5e-4, schedule="onecycle", warmup=0.2, label_smoothing=0.1, augment="translate"),
     "vgg": dict(model="vgg16_bn", epochs=5, batch_size=128, optimizer="sgd", lr=0.05, momentum=0.9,
@@ -68,6 +72,8 @@ def resolve(config: cfg.TrainConfig) -> cfg.TrainConfig:
         if values.get(key) is None:
             values[key] = value
     values["recipe"] = name
+    if values["model"] is None:
+        raise ConfigError(f"recipe {name!r} names no model: pass one with --model (see `trainforge models`)")
     model_entry(values["model"])
     resolved = cfg.from_dict(cfg.TrainConfig, values, source="config")
     if resolved.betas is not None and len(resolved.betas) != 2:
