@@ -14,6 +14,7 @@ import torch.utils.data
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import functional as F
 
+from trainforge.data.loaders import stratified_split
 from trainforge.data.sources import ImageSet
 from trainforge.errors import ConfigError, DataError
 
@@ -91,20 +92,10 @@ def split_stratified(files: LabelledFiles, val_fraction: float, seed: int) -> tu
     n files to val, but at least 1 when n >= 2 and val_fraction > 0, and never its last one. Both keep input order."""
     if not 0 <= val_fraction < 1:
         raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    by_class: dict[int, list[int]] = {}
-    for i, (_, label) in enumerate(files):
-        by_class.setdefault(label, []).append(i)
-    rng = np.random.default_rng(seed)
-    in_val = np.zeros(len(files), dtype=bool)
-    for label in sorted(by_class):
-        members = by_class[label]
-        n_val = round(len(members) * val_fraction)
-        if val_fraction > 0 and len(members) >= 2:
-            n_val = min(max(n_val, 1), len(members) - 1)
-        in_val[np.asarray(members)[rng.permutation(len(members))[:n_val]]] = True
-    train = [f for f, v in zip(files, in_val, strict=True) if not v]
-    val = [f for f, v in zip(files, in_val, strict=True) if v]
-    return train, val
+    if val_fraction == 0 or not files:
+        return list(files), []
+    kept, held = stratified_split(torch.tensor([label for _, label in files]), val_fraction, seed)
+    return [files[i] for i in kept.tolist()], [files[i] for i in held.tolist()]
 
 
 def _read_image(path: pathlib.Path, mode: ImageReadMode) -> torch.Tensor:
