@@ -14,10 +14,21 @@ from ..errors import ModelError
 from .registry import register_model
 
 
+class FewOutputLinear(nn.Linear):
+    """nn.Linear computed as weight @ x.T, the same numbers and parameters in another layout.
+
+    With a handful of outputs and hundreds of inputs (784 -> 10), x @ weight.T is a skinny product that BLAS runs
+    poorly; weight @ x.T is its wide transpose and ran 1.2x (2 threads) to 1.9x (1 thread) faster on the CPU here.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(self.bias.unsqueeze(1), self.weight, x.t()).t()
+
+
 @register_model("linear", default_recipe="reference")
 def linear(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
     """Multinomial logistic regression on the pixels (the project's reference model)."""
-    return nn.Sequential(nn.Flatten(), nn.Linear(in_channels * image_size * image_size, num_classes))
+    return nn.Sequential(nn.Flatten(), FewOutputLinear(in_channels * image_size * image_size, num_classes))
 
 
 @register_model("mlp", default_recipe="mlp")
