@@ -177,9 +177,7 @@ def train(config: cfg.TrainConfig | dict | None = None, *, resume: str | os.Path
                 optimizer.zero_grad(set_to_none=True)
                 # Summed over ranks, so that all of them skip (or not) together.
                 if config.skip_nonfinite and not _finite(distributed.all_reduce_sum(loss.detach().clone())):
-                    position["skips"] += 1
-                    scheduler.step()
-                    _advance(position, step)
+                    _skip_step(position, scheduler, step)
                     continue
                 if scaler is not None:
                     scaler.scale(loss).backward()
@@ -188,10 +186,8 @@ def train(config: cfg.TrainConfig | dict | None = None, *, resume: str | os.Path
                 else:
                     loss.backward()
                     if config.skip_nonfinite and not _grads_finite(model):
-                        position["skips"] += 1
                         optimizer.zero_grad(set_to_none=True)
-                        scheduler.step()
-                        _advance(position, step)
+                        _skip_step(position, scheduler, step)
                         continue
                     optimizer.step()
                 scheduler.step()
@@ -260,6 +256,13 @@ def train(config: cfg.TrainConfig | dict | None = None, *, resume: str | os.Path
 def _advance(position: dict[str, Any], step: int) -> None:
     position["global_step"] += 1
     position["step_in_epoch"] = step + 1
+
+
+def _skip_step(position: dict[str, Any], scheduler: Any, step: int) -> None:
+    """Counts a skipped non-finite step; the schedule still advances so the run keeps its planned length."""
+    position["skips"] += 1
+    scheduler.step()
+    _advance(position, step)
 
 
 def _flush_loss(position: dict[str, Any], loss_sum: torch.Tensor, window: int, checkpointer: "Checkpointer") -> None:
