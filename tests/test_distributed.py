@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -170,6 +171,17 @@ def test_a_killed_process_ends_the_job_with_a_one_line_error(tmp_path):
     assert last.startswith("trainforge train: error: process 1 of 2 was killed by SIGKILL"), stderr[-3000:]
     assert "Traceback" not in stderr
     assert not (out / runs.SUMMARY_FILE).exists()
+
+
+def test_the_process_that_failed_on_its_own_is_named_as_the_cause():
+    # The launcher may notice a survivor's exit first; the process that merely lost contact is not the cause.
+    failures = {0: SimpleNamespace(exitcode=distributed.PEER_LOST_EXIT_STATUS, timestamp=100),
+                1: SimpleNamespace(exitcode=-signal.SIGKILL, timestamp=101)}
+    assert distributed._root_cause(failures) == 1
+    assert distributed._describe_failure(1, failures[1], 2) == "process 1 of 2 was killed by SIGKILL"
+    assert "lost contact" in distributed._describe_failure(0, failures[0], 2)
+    failures[1].exitcode = distributed.PEER_LOST_EXIT_STATUS
+    assert distributed._root_cause(failures) == 0
 
 
 def test_nproc_mistakes_are_one_line_errors(capsys):

@@ -17,6 +17,7 @@ import datetime
 import logging
 import os
 import signal
+import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -27,6 +28,9 @@ from torch import nn
 from ..errors import ConfigError, TrainingError
 
 TIMEOUT_ENV = "TRAINFORGE_DIST_TIMEOUT"
+# The exit status of a process that stopped because another one failed: the launcher reports the process that failed
+# on its own as the cause, even when a survivor's exit is noticed first.
+PEER_LOST_EXIT_STATUS = 3
 DEFAULT_TIMEOUT_S = 60.0
 STRATEGIES = ("ddp", "fsdp")
 
@@ -250,7 +254,12 @@ _TRANSPORT_MARKERS = ("gloo", "nccl", "c10d", "processgroup", "connection reset"
 @contextlib.contextmanager
 def peer_failures_as_errors() -> Iterator[None]:
     """In a process of a multi-process job, turns a collective that failed because another process died, hung or
-    lost its connection into a one-line TrainingError (the launcher then ends the job)."""
+    lost its connection into a one-line error and exit status PEER_LOST_EXIT_STATUS (the launcher then ends the job).
+
+    The process leaves through os._exit: at a normal interpreter exit the broken process group's threads abort it
+    ("terminate called without an active exception"), which would report it as killed by SIGABRT. Nothing is lost:
+    every checkpoint was already written atomically.
+    """
     try:
         yield
     except RuntimeError as exc:
@@ -259,9 +268,12 @@ def peer_failures_as_errors() -> Iterator[None]:
                                      and not any(m in str(exc).lower() for m in _TRANSPORT_MARKERS)):
             raise
         first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-        raise TrainingError(f"process {os.environ.get('RANK', '?')} of {env_world_size()} lost contact with the "
-                            f"others (another process died or hung; collectives wait {timeout_s():g} s, "
-                            f"${TIMEOUT_ENV}): {first}") from None
+        print(f"trainforge train: error: process {os.environ.get('RANK', '?')} of {env_world_size()} lost contact "
+              f"with the others (another process died or hung; collectives wait {timeout_s():g} s, "
+              f"${TIMEOUT_ENV}): {first}", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(PEER_LOST_EXIT_STATUS)
 
 
 def _describe_failure(rank: int, failure: Any, world: int) -> str:
@@ -272,7 +284,15 @@ def _describe_failure(rank: int, failure: Any, world: int) -> str:
         except ValueError:
             name = f"signal {-code}"
         return f"process {rank} of {world} was killed by {name}"
+    if code == PEER_LOST_EXIT_STATUS:
+        return f"process {rank} of {world} stopped because it lost contact with the others"
     return f"process {rank} of {world} exited with status {code}"
+
+
+def _root_cause(failures: dict[int, Any]) -> int:
+    """The rank whose failure ended the job: the earliest one that did not merely lose contact with the others."""
+    own = {r: f for r, f in failures.items() if f.exitcode != PEER_LOST_EXIT_STATUS} or failures
+    return min(own, key=lambda r: (own[r].timestamp, r))
 
 
 @contextlib.contextmanager
@@ -298,7 +318,7 @@ def launch(nproc: int, argv: Sequence[str], *, debug: bool = False) -> None:
     """Runs `python -m trainforge ARGV` as `nproc` local processes through torch.distributed's elastic launcher
     (what `torchrun --standalone --nproc-per-node NPROC --max-restarts 0 -m trainforge ARGV` does).
 
-    Returns when every process has succeeded; raises TrainingError naming the process that failed first otherwise.
+    Returns when every process has succeeded; raises TrainingError naming the process whose failure ended the job otherwise.
     The processes share this process's stdout and stderr.
     """
     from torch.distributed import run as torchrun
@@ -316,10 +336,10 @@ def launch(nproc: int, argv: Sequence[str], *, debug: bool = False) -> None:
         with _quiet_launcher(not debug):
             torchrun.run(launcher_args)
     except ChildFailedError as exc:
-        first_rank, first = exc.get_first_failure()
-        others = sorted(r for r in exc.failures if r != first_rank)
+        cause = _root_cause(exc.failures)
+        others = sorted(r for r in exc.failures if r != cause)
         more = f"; then {', '.join(_describe_failure(r, exc.failures[r], nproc) for r in others)}" if others else ""
-        raise TrainingError(f"{_describe_failure(first_rank, first, nproc)}, which ended the job{more} "
+        raise TrainingError(f"{_describe_failure(cause, exc.failures[cause], nproc)}, which ended the job{more} "
                             f"(its own error, if it printed one, is above)") from None
     finally:
         if saved_threads is None:
