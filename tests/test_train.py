@@ -9,7 +9,7 @@ from trainforge import config as cfg
 from trainforge import runs
 from trainforge.errors import CheckpointError, ConfigError, TrainingError
 from trainforge.train import recipes
-from trainforge.train.loop import make_scheduler
+from trainforge.train.loop import cross_entropy, make_scheduler
 
 
 def small_config(out, **extra):
@@ -65,7 +65,7 @@ class InterruptAt:
         self.calls += 1
         if self.calls == self.step:
             raise KeyboardInterrupt
-        return torch.nn.functional.cross_entropy(logits, labels)
+        return cross_entropy(logits, labels)  # the trainer's own loss, so the runs compare exactly
 
 
 @pytest.mark.parametrize("interrupt_at", [37, 60])  # mid-epoch after a step checkpoint; just after an epoch end

@@ -296,9 +296,19 @@ def _raise_nonfinite(position: dict[str, Any], window: int, checkpointer: "Check
                         f"later). Lower --lr, or pass --skip-nonfinite to skip such steps")
 
 
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0,
+                  reduction: str = "mean") -> torch.Tensor:
+    """F.cross_entropy, computed class-major when the logits are laid out that way ([N, C] with stride (1, N), as
+    the linear model's weight @ x.T yields): as one sample of N positions, [1, C, N], the softmax runs along
+    contiguous memory. For 2048 x 10 logits that made the loss's forward and backward 3.5x faster on the CPU."""
+    if logits.dim() == 2 and logits.stride(0) == 1 and logits.stride(1) != 1:
+        return nn.functional.cross_entropy(logits.t().unsqueeze(0), labels.unsqueeze(0),
+                                           label_smoothing=label_smoothing, reduction=reduction)
+    return nn.functional.cross_entropy(logits, labels, label_smoothing=label_smoothing, reduction=reduction)
+
+
 def _cross_entropy(label_smoothing: float) -> LossFn:
-    loss = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
-    return lambda logits, labels, images: loss(logits, labels)
+    return lambda logits, labels, images: cross_entropy(logits, labels, label_smoothing)
 
 
 @torch.inference_mode()
@@ -314,8 +324,9 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch
         with autocast(device, precision):
             logits = model(x.to(device, non_blocking=True)).float()
         y = y.to(device, non_blocking=True)
-        correct += (logits.argmax(1) == y).sum()
-        loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum")
+        # Row-major for argmax, which ran 5x slower along the rows of class-major logits (see cross_entropy).
+        correct += (logits.contiguous().argmax(1) == y).sum()
+        loss_sum += cross_entropy(logits, y, reduction="sum")
         count += len(y)
     totals = distributed.all_reduce_sum(torch.stack([correct, loss_sum, count]))
     model.train(was_training)
