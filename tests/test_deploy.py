@@ -219,6 +219,10 @@ def test_health_and_valid_requests(server, small_cnn_run, mnist):
     (dict(content=b"x" * (MAX_BODY + 1), headers={"content-type": "image/png"}), 413, "exceeds"),
     (dict(content=b"hello", headers={"content-type": "text/plain"}), 415, "Content-Type"),
     (dict(files={"note": (None, "text only")}), 422, "no file"),
+    (dict(content=b'--xyz\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n\r\nabc',
+          headers={"content-type": "multipart/form-data; boundary=xyz"}), 400, "closing boundary"),
+    (dict(content=b"--xyz\r\n", headers={"content-type": "multipart/form-data"}), 400, "no boundary"),
+    (dict(files=[("file", (f"{i}.png", b"x", "image/png")) for i in range(17)]), 413, "more than 16 parts"),
 ])
 def test_bad_requests_get_4xx_json_and_the_server_keeps_serving(server, kwargs, status, message):
     _, base = server
