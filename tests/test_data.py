@@ -626,3 +626,22 @@ def test_folder_subset_larger_than_the_folder_is_an_error(tmp_path):
     folder = _digit_folder(tmp_path / "digits", train, per_class=4)
     with pytest.raises(DataError, match="--subset 100 exceeds"):
         load_data(str(folder), subset=100)
+
+
+def test_device_loader_epochs_are_seeded_permutations_that_resume_mid_epoch(mnist) -> None:
+    from trainforge.data.loaders import DeviceLoader
+
+    images, labels = mnist.train.images[:5000], mnist.train.labels[:5000]
+    loader = DeviceLoader(images, labels, 512, device=torch.device("cpu"), seed=3)
+    loader.set_epoch(0)
+    batches = list(loader)
+    assert len(batches) == len(loader) == 10 and len(batches[-1][1]) == 5000 - 9 * 512
+    assert all(x.dtype == torch.uint8 and x.device.type == "cpu" for x, _ in batches)
+    # Each image exactly once per epoch, with its own label.
+    seen = torch.cat([x.flatten(1) for x, _ in batches])
+    assert torch.equal(seen.sum(0, dtype=torch.int64), images.flatten(1).sum(0, dtype=torch.int64))
+    assert torch.equal(torch.cat([y for _, y in batches]).bincount(), labels.bincount())
+    loader.set_epoch(0, start_step=7)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(list(loader), batches[7:]))
+    loader.set_epoch(1)
+    assert not torch.equal(next(iter(loader))[0], batches[0][0])
