@@ -29,15 +29,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-import torch.nn.functional as F
-from torch import nn
-
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+# trainforge before torch: it configures MKL threading, which must happen before torch loads MKL
+# (see trainforge/__init__.py).
 import trainforge  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
 from trainforge.data import DataBundle, ImageSet, balanced_subset, load_data  # noqa: E402
 from trainforge.models import build_classifier  # noqa: E402
 from trainforge.train.device import resolve_device, synchronize  # noqa: E402
