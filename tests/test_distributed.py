@@ -3,6 +3,7 @@ resumes on any number of processes and under either strategy, and a dead process
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -45,7 +46,7 @@ def logged(path, *args, **kwargs):
     return original(path, *args, **kwargs)
 
 runs.atomic_open = logged
-sys.exit(cli.main(sys.argv[2:]))
+cli.exit_with(cli.main(sys.argv[2:]))
 """
 
 
@@ -145,12 +146,13 @@ def _rank_of(pid: int) -> str | None:
     return None
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the worker processes through /proc")
-def test_a_killed_process_ends_the_job_with_a_one_line_error(tmp_path):
-    out = tmp_path / "run"
+def _signal_rank_1_of_a_running_job(out: Path, sig: int, timeout: float, **env: str) -> tuple[int, str]:
+    """Starts a 2-process training job, sends `sig` to the process of rank 1 once training runs, and returns the
+    job's exit status and stderr; fails if the job has not ended `timeout` seconds after the signal."""
     proc = subprocess.Popen([sys.executable, "-m", "trainforge", "train", "--nproc", "2", "--model", "linear",
                              "--epochs", "100", "--subset", "20000", "--out", str(out), "--no-tensorboard", "--quiet"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**_env(), **env})
+    victims: list[int] = []
     try:
         # config.yaml appears once rank 0 has joined the process group and is about to train.
         deadline = time.monotonic() + 180
@@ -160,17 +162,40 @@ def test_a_killed_process_ends_the_job_with_a_one_line_error(tmp_path):
             time.sleep(0.2)
         victims = [pid for pid in _children(proc.pid) if _rank_of(pid) == "1"]
         assert len(victims) == 1
-        os.kill(victims[0], signal.SIGKILL)
-        _, stderr = proc.communicate(timeout=60)  # the bound the job must end within
+        os.kill(victims[0], sig)
+        _, stderr = proc.communicate(timeout=timeout)
     finally:
         if proc.poll() is None:
+            for pid in victims:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             proc.kill()
             proc.communicate()
-    assert proc.returncode == 2
+    return proc.returncode, stderr
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the worker processes through /proc")
+def test_a_killed_process_ends_the_job_with_a_one_line_error(tmp_path):
+    status, stderr = _signal_rank_1_of_a_running_job(tmp_path / "run", signal.SIGKILL, timeout=60)
+    assert status == 2
     last = stderr.strip().splitlines()[-1]
     assert last.startswith("trainforge train: error: process 1 of 2 was killed by SIGKILL"), stderr[-3000:]
     assert "Traceback" not in stderr
-    assert not (out / runs.SUMMARY_FILE).exists()
+    assert not (tmp_path / "run" / runs.SUMMARY_FILE).exists()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the worker processes through /proc")
+def test_a_hung_process_ends_the_job_after_the_collective_timeout(tmp_path):
+    # A stopped process never answers: the other one gives up after the collective timeout (5 s here), and the
+    # launcher then kills the hung one after its 30 s grace period.
+    status, stderr = _signal_rank_1_of_a_running_job(tmp_path / "run", signal.SIGSTOP, timeout=90,
+                                                     **{distributed.TIMEOUT_ENV: "5"})
+    assert status == 2
+    assert "process 0 of 2 lost contact with the others" in stderr and "collectives wait 5 s" in stderr, stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("trainforge train: error: process 1 of 2 was killed by SIGKILL, which ended the job; "
+                           "then process 0 of 2 stopped because it lost contact"), stderr[-3000:]
+    assert "Traceback" not in stderr
 
 
 def test_the_process_that_failed_on_its_own_is_named_as_the_cause():

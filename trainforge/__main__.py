@@ -1,7 +1,5 @@
 """`python -m trainforge` (what torchrun launches) is the `trainforge` command."""
 
-import sys
+from .cli import exit_with, main
 
-from .cli import main
-
-sys.exit(main())
+exit_with(main())

@@ -10,8 +10,9 @@ import argparse
 import importlib
 import json
 import math
+import os
 import sys
-from typing import Any, Sequence
+from typing import Any, NoReturn, Sequence
 
 # verb -> (module with configure(parser) and run(args), one line of help)
 VERBS: dict[str, tuple[str, str]] = {
@@ -95,5 +96,21 @@ def _version() -> str:
     return f"trainforge {__version__}"
 
 
+def exit_with(status: int) -> NoReturn:
+    """Ends the process with `status`.
+
+    A process of a multi-process job leaves without interpreter finalization (stdio flushed, then os._exit): gloo's
+    threads can still hold tensors at that point, and freeing them while the interpreter is torn down aborts the
+    process (SIGABRT, "terminate called without an active exception"; see pytorch/pytorch#179291), which made a
+    finished two-process run fail now and then in the tests here. Everything a run writes is written and closed
+    before `main` returns.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main())
