@@ -198,6 +198,18 @@ def test_a_hung_process_ends_the_job_after_the_collective_timeout(tmp_path):
     assert "Traceback" not in stderr
 
 
+def test_a_lost_peer_is_a_one_line_error_with_an_exit_status_of_its_own(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(distributed.PeerLostError, match="process 1 of 2 lost contact with the others") as info:
+        with distributed.peer_failures_as_errors():
+            raise RuntimeError("[gloo/transport/tcp/pair.cc:545] Read error: Connection reset by peer")
+    assert info.value.exit_status == distributed.PEER_LOST_EXIT_STATUS != 2
+    with pytest.raises(RuntimeError, match="shape mismatch"):  # not a transport failure: left as it is
+        with distributed.peer_failures_as_errors():
+            raise RuntimeError("shape mismatch")
+
+
 def test_the_process_that_failed_on_its_own_is_named_as_the_cause():
     # The launcher may notice a survivor's exit first; the process that merely lost contact is not the cause.
     failures = {0: SimpleNamespace(exitcode=distributed.PEER_LOST_EXIT_STATUS, timestamp=100),

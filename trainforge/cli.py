@@ -1,6 +1,7 @@
 """The `trainforge` command: a table of verbs, each the CLI face of one module's `configure` and `run`.
 
-A user mistake (a TrainforgeError) prints one line and exits with status 2; `--debug` shows the traceback.
+A user mistake (a TrainforgeError) prints one line and exits with its `exit_status` (2, or 3 for a process of a
+multi-process job that lost contact with the others); `--debug` shows the traceback.
 With `--json` the last line of stdout is one JSON object (or list) that scripts can parse.
 """
 
@@ -71,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"trainforge {args.verb}: error: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_status
     except KeyboardInterrupt:
         print(f"trainforge {args.verb}: interrupted", file=sys.stderr)
         return 130
@@ -100,10 +101,10 @@ def exit_with(status: int) -> NoReturn:
     """Ends the process with `status`.
 
     A process of a multi-process job leaves without interpreter finalization (stdio flushed, then os._exit): gloo's
-    threads can still hold tensors at that point, and freeing them while the interpreter is torn down aborts the
-    process (SIGABRT, "terminate called without an active exception"; see pytorch/pytorch#179291), which made a
-    finished two-process run fail now and then in the tests here. Everything a run writes is written and closed
-    before `main` returns.
+    threads can still hold tensors at that point, above all after a peer died, and freeing them while the
+    interpreter is torn down aborts the process (SIGABRT, "terminate called without an active exception"; see
+    pytorch/pytorch#179291). That reported a survivor as killed by SIGABRT, and made a finished two-process run fail
+    now and then in the tests here. Everything a run writes is written and closed before `main` returns.
     """
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         sys.stdout.flush()

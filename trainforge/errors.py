@@ -4,6 +4,8 @@
 class TrainforgeError(Exception):
     """Base of every error a user can cause and fix; the CLI prints it without a traceback."""
 
+    exit_status = 2
+
 
 class DataError(TrainforgeError):
     """A data set is missing, unreadable or malformed."""

@@ -17,7 +17,6 @@ import datetime
 import logging
 import os
 import signal
-import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -28,8 +27,8 @@ from torch import nn
 from ..errors import ConfigError, TrainingError
 
 TIMEOUT_ENV = "TRAINFORGE_DIST_TIMEOUT"
-# The exit status of a process that stopped because another one failed: the launcher reports the process that failed
-# on its own as the cause, even when a survivor's exit is noticed first.
+# The exit status of a process that stopped because another one failed (PeerLostError): the launcher reports the
+# process that failed on its own as the cause, even when a survivor's exit is noticed first.
 PEER_LOST_EXIT_STATUS = 3
 DEFAULT_TIMEOUT_S = 60.0
 STRATEGIES = ("ddp", "fsdp")
@@ -251,15 +250,16 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sta
 _TRANSPORT_MARKERS = ("gloo", "nccl", "c10d", "processgroup", "connection reset", "connection closed", "timed out")
 
 
+class PeerLostError(TrainingError):
+    """This process stopped because another process of the job died, hung or lost its connection."""
+
+    exit_status = PEER_LOST_EXIT_STATUS
+
+
 @contextlib.contextmanager
 def peer_failures_as_errors() -> Iterator[None]:
     """In a process of a multi-process job, turns a collective that failed because another process died, hung or
-    lost its connection into a one-line error and exit status PEER_LOST_EXIT_STATUS (the launcher then ends the job).
-
-    The process leaves through os._exit: at a normal interpreter exit the broken process group's threads abort it
-    ("terminate called without an active exception"), which would report it as killed by SIGABRT. Nothing is lost:
-    every checkpoint was already written atomically.
-    """
+    lost its connection into a one-line PeerLostError (the launcher then ends the job)."""
     try:
         yield
     except RuntimeError as exc:
@@ -268,12 +268,9 @@ def peer_failures_as_errors() -> Iterator[None]:
                                      and not any(m in str(exc).lower() for m in _TRANSPORT_MARKERS)):
             raise
         first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-        print(f"trainforge train: error: process {os.environ.get('RANK', '?')} of {env_world_size()} lost contact "
-              f"with the others (another process died or hung; collectives wait {timeout_s():g} s, "
-              f"${TIMEOUT_ENV}): {first}", file=sys.stderr)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(PEER_LOST_EXIT_STATUS)
+        raise PeerLostError(f"process {os.environ.get('RANK', '?')} of {env_world_size()} lost contact with the "
+                            f"others (another process died or hung; collectives wait {timeout_s():g} s, "
+                            f"${TIMEOUT_ENV}): {first}") from None
 
 
 def _describe_failure(rank: int, failure: Any, world: int) -> str:
@@ -318,7 +315,8 @@ def launch(nproc: int, argv: Sequence[str], *, debug: bool = False) -> None:
     """Runs `python -m trainforge ARGV` as `nproc` local processes through torch.distributed's elastic launcher
     (what `torchrun --standalone --nproc-per-node NPROC --max-restarts 0 -m trainforge ARGV` does).
 
-    Returns when every process has succeeded; raises TrainingError naming the process whose failure ended the job otherwise.
+    Returns when every process has succeeded; otherwise raises TrainingError naming the process whose failure ended
+    the job.
     The processes share this process's stdout and stderr.
     """
     from torch.distributed import run as torchrun
