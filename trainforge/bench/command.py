@@ -149,7 +149,7 @@ def measure(net: torch.nn.Module, config: cfg.TrainConfig, images: torch.Tensor,
     """
     from ..data import DeviceLoader
     from ..train.device import autocast, configure_backends
-    from ..train.loop import make_optimizer
+    from ..train.loop import cross_entropy, make_optimizer
 
     configure_backends(device)
     net = net.to(device)
@@ -159,14 +159,13 @@ def measure(net: torch.nn.Module, config: cfg.TrainConfig, images: torch.Tensor,
     step_model = torch.compile(net) if compile else net
     optimizer = make_optimizer(config, [{"params": list(net.parameters())}], device)
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
-    criterion = torch.nn.CrossEntropyLoss()
     loader = DeviceLoader(images, labels, batch_size, device=device, shuffle=True, seed=0, drop_last=True)
     batches = _cycle(loader)
 
     def train_step() -> None:
         x, y = next(batches)
         with autocast(device, precision):
-            loss = criterion(step_model(x).float(), y)
+            loss = cross_entropy(step_model(x).float(), y)  # the trainer's loss, so the step is the trainer's
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
