@@ -46,6 +46,16 @@ def _no_data(ax: Any, what: str) -> None:
     ax.text(0.5, 0.5, f"no {what} recorded", ha="center", va="center", transform=ax.transAxes, color="gray")
 
 
+def _finish_curves(ax: Any, drawn: bool, what: str, **labels: str) -> None:
+    """A legend, or a "no data" note when no run had a point; then axis labels, title and grid."""
+    if drawn:
+        ax.legend(fontsize="small")
+    else:
+        _no_data(ax, what)
+    ax.set(**labels)
+    ax.grid(alpha=0.3)
+
+
 def loss_curves(runs: Sequence[tuple[str, list[dict[str, Any]], str]]) -> bytes:
     """Training and evaluation loss per epoch of each (label, metrics, eval split name) run."""
     fig = _figure(7, 4)
@@ -57,13 +67,8 @@ def loss_curves(runs: Sequence[tuple[str, list[dict[str, Any]], str]]) -> bytes:
             if x:
                 ax.plot(x, y, style, marker="o", color=_color(i), label=f"{label} {name}")
                 drawn = True
-    if drawn:
-        ax.legend(fontsize="small")
-    else:
-        _no_data(ax, "loss")
-    ax.set(xlabel="epoch", ylabel="cross-entropy", title="Loss")
+    _finish_curves(ax, drawn, "loss", xlabel="epoch", ylabel="cross-entropy", title="Loss")
     _integer_ticks(ax)
-    ax.grid(alpha=0.3)
     return _png(fig)
 
 
@@ -77,13 +82,8 @@ def accuracy_curves(runs: Sequence[tuple[str, list[dict[str, Any]], str]]) -> by
         if x:
             ax.plot(x, [100 * v for v in y], marker="o", color=_color(i), label=f"{label} {split}")
             drawn = True
-    if drawn:
-        ax.legend(fontsize="small")
-    else:
-        _no_data(ax, "accuracy")
-    ax.set(xlabel="epoch", ylabel="accuracy (%)", title="Accuracy")
+    _finish_curves(ax, drawn, "accuracy", xlabel="epoch", ylabel="accuracy (%)", title="Accuracy")
     _integer_ticks(ax)
-    ax.grid(alpha=0.3)
     return _png(fig)
 
 
@@ -101,13 +101,10 @@ def throughput(runs: Sequence[tuple[str, list[dict[str, Any]], str]]) -> bytes:
             ax.plot(x, y, marker="o", color=_color(i), label=label)
             drawn = True
     if drawn:
-        ax.legend(fontsize="small")
         ax.set_ylim(bottom=0)
         ax.set_xlim(left=0)
-    else:
-        _no_data(ax, "throughput")
-    ax.set(xlabel="training time elapsed (s)", ylabel="samples / s", title="Training throughput per epoch")
-    ax.grid(alpha=0.3)
+    _finish_curves(ax, drawn, "throughput", xlabel="training time elapsed (s)", ylabel="samples / s",
+                   title="Training throughput per epoch")
     return _png(fig)
 
 
