@@ -64,10 +64,10 @@ class MNISTImages(Dataset):
 
 
 def plain_loop(bundle: DataBundle, epochs: int, seed: int = 0,
-               between_epochs: Callable[[], None] | None = None) -> dict[str, float]:
+               between_epochs: Callable[[int], None] | None = None) -> dict[str, float]:
     """The reference loop; its test accuracy after the last epoch and its time (the sum of its epochs' times).
 
-    `between_epochs` runs after each epoch, outside the timed part.
+    `between_epochs(epochs_done)` runs after each epoch, outside the timed part.
     """
     torch.manual_seed(seed)
     # Its own generator: whatever runs between the epochs cannot change this loop's shuffling.
@@ -78,7 +78,7 @@ def plain_loop(bundle: DataBundle, epochs: int, seed: int = 0,
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     loss_fn = nn.CrossEntropyLoss()
     seconds, acc = 0.0, 0.0
-    for _ in range(epochs):
+    for epoch in range(epochs):
         start = time.perf_counter()
         model.train()
         for images, labels in train_loader:
@@ -94,7 +94,7 @@ def plain_loop(bundle: DataBundle, epochs: int, seed: int = 0,
         acc = correct / len(test_loader.dataset)
         seconds += time.perf_counter() - start
         if between_epochs is not None:
-            between_epochs()
+            between_epochs(epoch + 1)
     return {"test_acc": acc, "train_seconds": seconds}
 
 
@@ -131,33 +131,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                             bundle.mean, bundle.std)
         epochs = 1
 
-    runs_seconds: list[float] = []
     results: list[Any] = []
 
-    def trainforge_run() -> None:
-        with tempfile.TemporaryDirectory(prefix="reference-") as tmp:
-            result = trainforge.train({"recipe": "reference", "epochs": epochs, "device": args.device,
-                                       "precision": args.precision, "out": str(Path(tmp) / "run"),
-                                       "tensorboard": False}, data=bundle, progress=False)
-        runs_seconds.append(result.train_seconds)
-        results.append(result)
-        say(f"  trainforge run {len(runs_seconds)}: {result.test_acc:.4f} in {result.train_seconds:.2f} s")
-
-    def between_epochs() -> None:
+    def trainforge_runs(epochs_done: int) -> None:
         # Spread over the plain loop's epochs, so that both arms see the same moments of a shared, noisy host.
-        due = math.ceil(args.repeats * (epochs_done[0] + 1) / epochs)
-        epochs_done[0] += 1
-        while len(runs_seconds) < due:
-            trainforge_run()
+        while len(results) < math.ceil(args.repeats * epochs_done / epochs):
+            with tempfile.TemporaryDirectory(prefix="reference-") as tmp:
+                result = trainforge.train({"recipe": "reference", "epochs": epochs, "device": args.device,
+                                           "precision": args.precision, "out": str(Path(tmp) / "run"),
+                                           "tensorboard": False}, data=bundle, progress=False)
+            results.append(result)
+            say(f"  trainforge run {len(results)}: {result.test_acc:.4f} in {result.train_seconds:.2f} s")
 
-    epochs_done = [0]
     say(f"plain PyTorch loop ({epochs} epoch(s), batch 64, DataLoader), with {args.repeats} trainforge "
         f"--recipe reference runs between its epochs ...")
-    plain = plain_loop(bundle, epochs, between_epochs=between_epochs)
+    plain = plain_loop(bundle, epochs, between_epochs=trainforge_runs)
     say(f"  plain loop: {plain['test_acc']:.4f} in {plain['train_seconds']:.2f} s")
     # The runs share a seed, so they reach the same accuracy (on the CPU); the first one also pays the process's
     # one-time costs (thread pools, BLAS kernels, the allocator's first pages), which the median leaves out.
     result = results[-1]
+    runs_seconds = [r.train_seconds for r in results]
     ours = {"test_acc": result.test_acc, "train_seconds": statistics.median(runs_seconds),
             "first_run_seconds": runs_seconds[0], "runs_seconds": runs_seconds}
     report = {"plain": plain, "trainforge": ours, "speedup": plain["train_seconds"] / ours["train_seconds"],
