@@ -11,13 +11,13 @@ import json
 import os
 import platform
 import socket
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..errors import ConfigError
+from .. import runs
+from ..errors import CheckpointError, ConfigError
 
 FORMAT = 1
 
@@ -76,11 +76,8 @@ def write_cache(record: dict[str, Any], path: Path | None = None) -> Path:
     path = path or cache_path()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump({**record, "format": FORMAT}, f, indent=1)
-        os.replace(tmp, path)
-    except OSError as exc:
+        runs.write_text(path, json.dumps({**record, "format": FORMAT}, indent=1))
+    except (OSError, CheckpointError) as exc:
         raise ConfigError(f"cannot write the hardware cache {path} ({exc}); set TRAINFORGE_CACHE to a writable "
                           f"directory") from None
     return path
