@@ -61,3 +61,30 @@ def test_preprocess_normalizes_adapts_channels_and_resizes():
 def test_classifier_takes_raw_uint8():
     model = build_classifier("cnn", 10, 1, 28, (0.1307,), (0.3081,))
     assert model(torch.randint(0, 256, (4, 1, 28, 28), dtype=torch.uint8)).shape == (4, 10)
+
+
+@pytest.mark.parametrize("onednn", [True, False])
+def test_linear_training_forward_folds_the_normalization_into_the_same_function(onednn, monkeypatch):
+    from trainforge.models import small
+
+    if onednn and not small._onednn_linear_works():
+        pytest.skip("this PyTorch build has no working oneDNN linear operator")
+    monkeypatch.setattr(small, "_onednn_linear_works", lambda: onednn)
+    torch.manual_seed(0)
+    model = build_classifier("linear", 10, 1, 28, (0.1307,), (0.3081,))
+    images = torch.randint(0, 256, (64, 1, 28, 28), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (64,))
+
+    def logits_and_grads(training):
+        model.train(training)
+        model.zero_grad()
+        logits = model(images)
+        torch.nn.functional.cross_entropy(logits, labels).backward()
+        return logits.detach(), [p.grad.clone() for p in model.parameters()]
+
+    folded_logits, folded_grads = logits_and_grads(True)
+    plain_logits, plain_grads = logits_and_grads(False)
+    assert model.net[1].weight.grad is not None
+    torch.testing.assert_close(folded_logits, plain_logits, rtol=1e-5, atol=1e-5)
+    for folded, plain in zip(folded_grads, plain_grads):
+        torch.testing.assert_close(folded, plain, rtol=1e-4, atol=1e-6)
