@@ -84,7 +84,12 @@ def test_linear_training_forward_folds_the_normalization_into_the_same_function(
 
     folded_logits, folded_grads = logits_and_grads(True)
     plain_logits, plain_grads = logits_and_grads(False)
+    assert model._normalizing_head() is None  # eval mode outside inference mode: exported and traced as modules
+    with torch.inference_mode():  # evaluation folds too
+        assert model._normalizing_head() is model.net[1]
+        inference_logits = model(images)
     assert model.net[1].weight.grad is not None
     torch.testing.assert_close(folded_logits, plain_logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(inference_logits, plain_logits, rtol=1e-5, atol=1e-5)
     for folded, plain in zip(folded_grads, plain_grads):
         torch.testing.assert_close(folded, plain, rtol=1e-4, atol=1e-6)

@@ -156,10 +156,11 @@ class Classifier(nn.Module):
 
     def _normalizing_head(self) -> nn.Module | None:
         """The net's only layer after a flatten, when it can apply the normalization itself (see
-        `FewOutputLinear.forward`). Only while training: in eval mode, as exported, quantized or served,
-        every layer runs as its own module, so that tools which trace or swap modules see them."""
+        `FewOutputLinear.forward`). Only while training or under inference mode (evaluation, prediction): when
+        a model is exported, traced or quantized, every layer runs as its own module, so that tools which trace or
+        swap modules see them."""
         net = self.net
-        if (self.training and isinstance(net, nn.Sequential) and len(net) == 2 and type(net[0]) is nn.Flatten
+        if ((self.training or torch.is_inference_mode_enabled()) and isinstance(net, nn.Sequential) and len(net) == 2 and type(net[0]) is nn.Flatten
                 and getattr(net[1], "folds_input_affine", False)):
             return net[1]
         return None
