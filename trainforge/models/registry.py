@@ -160,8 +160,8 @@ class Classifier(nn.Module):
         a model is exported, traced or quantized, every layer runs as its own module, so that tools which trace or
         swap modules see them."""
         net = self.net
-        if ((self.training or torch.is_inference_mode_enabled()) and isinstance(net, nn.Sequential) and len(net) == 2 and type(net[0]) is nn.Flatten
-                and getattr(net[1], "folds_input_affine", False)):
+        if ((self.training or torch.is_inference_mode_enabled()) and isinstance(net, nn.Sequential) and len(net) == 2
+                and type(net[0]) is nn.Flatten and getattr(net[1], "folds_input_affine", False)):
             return net[1]
         return None
 

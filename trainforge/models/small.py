@@ -71,8 +71,8 @@ class OneDNNWeightTimesInput(torch.autograd.Function):
 
 def _use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and x.dim() == 2
-            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
-            and not torch.jit.is_tracing() and _onednn_linear_works())
+            and torch.backends.mkldnn.enabled and not torch.is_autocast_enabled("cpu")
+            and not torch.compiler.is_compiling() and not torch.jit.is_tracing() and _onednn_linear_works())
 
 
 @functools.cache
