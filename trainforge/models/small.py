@@ -33,12 +33,13 @@ class FewOutputLinear(nn.Linear):
         folded into the weights: W (s x + t) + b = (W s) x + (W t + b). Normalizing the batch costs two passes over
         it (a sixth of a training step of the reference recipe on the CPU); folding costs two over the 10 x 784
         weights. Autograd carries the gradients to the same parameters, so training is the same up to rounding."""
-        if scale is None or shift is None:
-            return torch.addmm(self.bias.unsqueeze(1), self.weight, x.t()).t()
-        bias = torch.addmv(self.bias, self.weight, shift)
-        weight = self.weight * scale
-        if _use_onednn(x, weight):
-            return (OneDNNWeightTimesInput.apply(weight, x) + bias.unsqueeze(1)).t()
+        weight, bias = self.weight, self.bias
+        if scale is not None and shift is not None:
+            bias = torch.addmv(bias, weight, shift)
+            weight = weight * scale
+            # Only on this path: the plain one is what export and tracing see, and must stay plain aten ops.
+            if _use_onednn(x, weight):
+                return (OneDNNWeightTimesInput.apply(weight, x) + bias.unsqueeze(1)).t()
         return torch.addmm(bias.unsqueeze(1), weight, x.t()).t()
 
 
