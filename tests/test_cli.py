@@ -1,10 +1,16 @@
+import argparse
 import json
+import os
+import signal
+import time
 
 import numpy as np
+import pytest
 import torch
 from torchvision.io import encode_jpeg, write_png
 
 from conftest import run_cli
+from trainforge import cli
 
 
 def last_json(stdout: str):
@@ -60,6 +66,29 @@ def test_user_mistakes_are_one_line_errors(tmp_path):
         assert message in result.stderr, (args, result.stderr)
         assert "Traceback" not in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_an_error_raised_while_unwinding_from_ctrl_c_is_reported_as_the_interrupt():
+    def run_failing_on_interrupt(args):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)  # the handler raises KeyboardInterrupt here
+        except KeyboardInterrupt:
+            raise UnboundLocalError("as Optuna's trial bookkeeping did") from None
+        raise AssertionError("SIGINT was not delivered")
+
+    def run_failing(args):
+        raise UnboundLocalError("a bug, not an interrupt")
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            cli._run_noting_interrupts(run_failing_on_interrupt, argparse.Namespace())
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        with pytest.raises(UnboundLocalError, match="a bug"):
+            cli._run_noting_interrupts(run_failing, argparse.Namespace())
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_argparse_rejects_bad_flag_values():

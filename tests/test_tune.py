@@ -70,6 +70,21 @@ def test_resuming_a_study_with_other_options_is_refused(tmp_path):
         open_study(other, search_space(other.fixed))
 
 
+def test_trials_left_running_by_this_process_are_failed_and_other_workers_trials_kept(tmp_path):
+    import optuna
+    from optuna.trial import TrialState
+
+    from trainforge.tune.study import fail_own_running_trials
+
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'study.db'}", direction="maximize")
+    mine, theirs = study.ask(), study.ask()
+    mine.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+    theirs.set_user_attr("worker", "elsewhere:1")
+    fail_own_running_trials(study)
+    states = {t.number: t.state for t in study.get_trials()}
+    assert states == {mine.number: TrialState.FAIL, theirs.number: TrialState.RUNNING}
+
+
 TUNE = ("tune", "--model", "linear", "--subset", "3000", "--max-epochs", "2")
 
 
@@ -101,7 +116,7 @@ def test_interrupted_study_resumes_on_two_workers_and_its_best_config_retrains_t
     # It may have finished all trials in the meantime on a fast machine (0), or taken the signal while the
     # interpreter was already shutting down, past the CLI's handler (killed by SIGINT).
     if proc.returncode not in (0, -signal.SIGINT):
-        assert proc.returncode == 130 and "interrupted" in stderr
+        assert proc.returncode == 130 and "interrupted" in stderr, stderr
 
     # The same study resumed, and raised to 6 trials, with 2 worker processes sharing the SQLite file.
     resumed = run_cli(*args, "--trials", "6", "--workers", "2")

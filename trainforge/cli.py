@@ -12,8 +12,10 @@ import importlib
 import json
 import math
 import os
+import signal
 import sys
-from typing import Any, NoReturn, Sequence
+import threading
+from typing import Any, Callable, NoReturn, Sequence
 
 # verb -> (module with configure(parser) and run(args), one line of help)
 VERBS: dict[str, tuple[str, str]] = {
@@ -67,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     module = importlib.import_module(args.module)
     try:
-        result = module.run(args)
+        result = _run_noting_interrupts(module.run, args)
     except TrainforgeError as exc:
         if args.debug:
             raise
@@ -79,6 +81,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json and result is not None:
         print(json.dumps(_json_safe(result)))
     return 0
+
+
+def _run_noting_interrupts(run: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> Any:
+    """`run(args)`, with any error raised after a Ctrl-C (SIGINT) turned into the KeyboardInterrupt it follows.
+
+    Code that does not expect a KeyboardInterrupt can fail in its own way while unwinding from one: Optuna's trial
+    bookkeeping raised UnboundLocalError when the interrupt landed while it stored a result, and the CLI printed a
+    traceback and exited 1 instead of reporting an interrupted study (130). A SIGINT handler installed by the verb
+    itself (uvicorn's, while serving) takes precedence while it is installed.
+    """
+    interrupts: list[int] = []
+
+    def note_interrupt(signum: int, frame: Any) -> None:
+        interrupts.append(signum)
+        signal.default_int_handler(signum, frame)
+
+    noting = (threading.current_thread() is threading.main_thread()
+              and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+    if noting:
+        signal.signal(signal.SIGINT, note_interrupt)
+    try:
+        return run(args)
+    except Exception as exc:
+        if interrupts:
+            raise KeyboardInterrupt from exc
+        raise
+    finally:
+        if noting:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _json_safe(value: Any) -> Any:

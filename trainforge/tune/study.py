@@ -195,7 +195,7 @@ def make_objective(space: SearchSpace, bundle: Any, trials_dir: Path, progress: 
         config = space.config(values, out=str(trials_dir / f"{trial.study.study_name}-{trial.number:04d}"))
         trial.set_user_attr("config", cfg.to_dict(config))
         # Which process ran the trial: with workers on several machines, where to look when one misbehaves.
-        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        trial.set_user_attr("worker", _worker_name())
         pruned: list[int] = []
 
         def on_epoch(record: dict[str, Any]) -> bool:
@@ -251,8 +251,30 @@ def run_worker(settings: TuneSettings, space: SearchSpace, n_trials: int, seed: 
     if progress is not None:
         callbacks.append(lambda study, trial: progress())
     timeout = None if deadline is None else max(0.0, deadline - time.time())
-    study.optimize(make_objective(space, bundle, trials_dir), n_trials=n_trials, timeout=timeout,
-                   callbacks=callbacks, catch=())
+    try:
+        study.optimize(make_objective(space, bundle, trials_dir), n_trials=n_trials, timeout=timeout,
+                       callbacks=callbacks, catch=())
+    except BaseException:
+        fail_own_running_trials(study)
+        raise
+
+
+def fail_own_running_trials(study: Any) -> None:
+    """Marks the trials this process left running as failed.
+
+    Optuna does that itself for an error in the objective, but not when a Ctrl-C lands while it stores a trial's
+    result (its bookkeeping then fails with UnboundLocalError); the trial would stay "running" in the study for good.
+    Trials of other live workers sharing the study are left alone."""
+    from optuna.trial import TrialState
+
+    me = _worker_name()
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if trial.user_attrs.get("worker") == me:
+            study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
+
+
+def _worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def _states() -> tuple[Any, ...]:
