@@ -128,3 +128,18 @@ def test_large_image_inputs_are_resized_by_the_model(trained_run, tmp_path):
     result = run_cli("predict", str(trained_run), str(big), "--json", "--top-k", "3")
     assert result.returncode == 0, result.stderr
     assert len(last_json(result.stdout)[0]["top"]) == 3
+
+
+def test_datasets_reports_where_each_set_is_read_from(tmp_path):
+    # No explicit root and an empty home: MNIST comes from the package, verified; Fashion-MNIST from the system
+    # data sets if this machine has them, else it is reported missing with the apt package to install.
+    result = run_cli("datasets", "--json", env={"TRAINFORGE_DATA": "", "HOME": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    rows = {row["name"]: row for row in last_json(result.stdout)["datasets"]}
+    assert rows["mnist"]["source"] == "embedded" and rows["mnist"]["verified"] is True
+    fashion = rows["fashion-mnist"]
+    assert fashion["source"] in (None, "system")
+    assert fashion["verified"] is True or "apt-get install dataset-fashion-mnist" in fashion["problem"]
+    explicit = run_cli("datasets", "--json", "--no-verify", "--data-dir", str(tmp_path / "none"))
+    rows = last_json(explicit.stdout)["datasets"]
+    assert [row["available"] for row in rows] == [False, False] and str(tmp_path / "none") in rows[0]["problem"]

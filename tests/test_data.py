@@ -333,6 +333,97 @@ def test_missing_files_download_fails_after_retries(tmp_path: Path, no_network: 
     assert len(no_network) == 6 and sleeps == [1.0, 2.0, 1.0, 2.0]
 
 
+@pytest.fixture
+def no_explicit_root(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """No --data-dir or $TRAINFORGE_DATA, an empty home (so an empty user cache) and an empty system root."""
+    monkeypatch.delenv("TRAINFORGE_DATA", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(sources, "SYSTEM_ROOT", tmp_path / "system")
+    return tmp_path
+
+
+def link_set(src: Path, dest: Path) -> None:
+    dest.mkdir(parents=True)
+    for file in src.iterdir():
+        (dest / file.name).symlink_to(file)
+
+
+def test_without_a_root_and_offline_mnist_is_read_from_the_package(no_explicit_root: Path, shared_data: Path,
+                                                                    no_network: list[str],
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TRAINFORGE_DATA")
+    located = sources.locate_builtin("mnist")
+    assert located.kind == "embedded" and located.folder == sources.EMBEDDED_ROOT / "mnist"
+    train, test = load_builtin("mnist")
+    reference_train, reference_test = load_builtin("mnist", shared_data)
+    assert torch.equal(train.images, reference_train.images) and torch.equal(test.labels, reference_test.labels)
+    # Read in place: nothing downloaded, nothing copied into the (empty) home.
+    assert no_network == [] and not (no_explicit_root / "home").exists()
+
+
+def test_a_corrupt_embedded_copy_is_a_checksum_error(no_explicit_root: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    embedded = no_explicit_root / "embedded"
+    shutil.copytree(sources.EMBEDDED_ROOT / "mnist", embedded / "mnist")
+    target = embedded / "mnist" / "train-labels-idx1-ubyte.gz"
+    content = bytearray(gzip.decompress(target.read_bytes()))
+    content[100] = (content[100] + 1) % 10
+    target.write_bytes(gzip.compress(bytes(content), compresslevel=1))
+    monkeypatch.setattr(sources, "EMBEDDED_ROOT", embedded)
+    with pytest.raises(DataError, match=f"^{target}: checksum mismatch .*the installed trainforge package is "
+                                        "damaged: reinstall it"):
+        load_builtin("mnist")
+
+
+def test_search_order_cache_then_system_then_package(no_explicit_root: Path, shared_data: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TRAINFORGE_DATA")
+    link_set(shared_data / "fashion-mnist", no_explicit_root / "system" / "fashion-mnist")
+    link_set(shared_data / "mnist", no_explicit_root / "system" / "mnist")
+    assert sources.locate_builtin("fashion-mnist").kind == "system"
+    assert sources.locate_builtin("mnist").kind == "system"
+    link_set(shared_data / "mnist", no_explicit_root / "home" / ".cache" / "trainforge" / "mnist")
+    located = sources.locate_builtin("mnist")
+    assert located.kind == "cache" and located.folder == no_explicit_root / "home" / ".cache" / "trainforge" / "mnist"
+
+
+def test_an_explicit_root_is_authoritative(no_explicit_root: Path, monkeypatch: pytest.MonkeyPatch,
+                                           no_network: list[str]) -> None:
+    """A mistyped root must not silently train on the package's copy: it is searched alone, and downloaded into."""
+    monkeypatch.setenv("TRAINFORGE_DATA", str(no_explicit_root / "typo"))
+    with pytest.raises(DataError, match=f"mnist: missing {no_explicit_root / 'typo' / 'mnist'}.*download failed"):
+        load_builtin("mnist")
+    assert no_network and all("mnist" in url for url in no_network)
+
+
+def test_fashion_mnist_missing_everywhere_names_the_apt_package(no_explicit_root: Path) -> None:
+    with pytest.raises(DataError) as info:
+        load_builtin("fashion-mnist", download=False)
+    message = str(info.value)
+    assert str(no_explicit_root / "home" / ".cache" / "trainforge" / "fashion-mnist" / "t10k-images-idx3-ubyte.gz") \
+        in message
+    assert f"also looked in {no_explicit_root / 'system' / 'fashion-mnist'}" in message
+    assert "apt-get install dataset-fashion-mnist" in message and "embedded" not in message
+
+
+def test_the_wheel_carries_the_embedded_mnist(tmp_path: Path) -> None:
+    """`pip install .` (not only -e) must ship the data: build the wheel and check its files' content."""
+    import subprocess
+    import sys
+    import zipfile
+
+    repo = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(tmp_path), str(repo)],
+                   check=True, capture_output=True, timeout=300)
+    wheel = next(tmp_path.glob("trainforge-*.whl"))
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        assert "trainforge/data/embedded/README.md" in names
+        for name in MNIST_FILES:
+            content = gzip.decompress(archive.read(f"trainforge/data/embedded/mnist/{name}.gz"))
+            assert hashlib.sha256(content).hexdigest() == BUILTIN_DATASETS["mnist"].sha256[name]
+
+
 class FakeMirror:
     """Serves the shared data's .gz files at the mirrors' URLs, failing as told; records what was asked."""
 

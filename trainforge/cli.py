@@ -23,6 +23,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "eval": ("trainforge.eval", "evaluate a run's model on a test set"),
     "predict": ("trainforge.predict", "classify image files (PNG/JPEG/.npy) with a run's model"),
     "models": ("trainforge.models.command", "list the registered models and recipes"),
+    "datasets": ("trainforge.datasets", "show which built-in data sets are here, from where, and whether they verify"),
     "finetune": ("trainforge.finetune.command", "fine-tune a pretrained model (full, linear probe, LoRA, gradual; --update)"),
     "export": ("trainforge.deploy.export", "export a run's model to ONNX or a torch.export program, parity-checked"),
     "serve": ("trainforge.deploy.serve", "serve a model over HTTP with dynamic batching (FastAPI + uvicorn)"),

@@ -44,7 +44,9 @@ class TrainConfig:
     recipe: str | None = option(None, "named bundle of model, optimizer, schedule, batch size and epochs "
                                       "(default: the model's own recipe, or 'reference')")
     data: str = option("mnist", "built-in data set (mnist, fashion-mnist) or a folder of images, one sub-folder per class")
-    data_dir: str | None = option(None, "root of the built-in data sets (default: $TRAINFORGE_DATA, else ~/.cache/trainforge)")
+    data_dir: str | None = option(None, "root of the built-in data sets (default: $TRAINFORGE_DATA, else the first "
+                                           "complete copy in ~/.cache/trainforge, /usr/share/datasets or the "
+                                           "package's own MNIST)")
     subset: int | None = option(None, "train on a seeded, class-balanced subset of N training images", positive=True)
     val_fraction: float = option(0.1, "held-out fraction of an image folder without train/ and val/ sub-folders, "
                                       "and of the training images with --holdout", low=0.0, high=0.9)

@@ -2,6 +2,11 @@
 
 The authority on a file's identity is the SHA-256 of its decompressed bytes: mirrors (and the project's shared
 data) recompress files, so compressed bytes may differ while the content is the same.
+
+Where a set is read from: an explicit root (`--data-dir` or $TRAINFORGE_DATA) is the only place looked at, and
+missing files are downloaded into it. Without one, the first complete copy among the user cache
+(~/.cache/trainforge), the system's data sets (/usr/share/datasets, where Debian's `dataset-*` packages put them)
+and the copy shipped inside this package (MNIST) is read in place; failing all, files are downloaded into the cache.
 """
 
 import dataclasses
@@ -20,7 +25,7 @@ import torch
 from trainforge.data.idx import parse_idx, read_idx_bytes
 from trainforge.errors import DataError
 
-__all__ = ["BUILTIN_DATASETS", "BuiltinInfo", "ImageSet", "data_root", "load_builtin"]
+__all__ = ["BUILTIN_DATASETS", "BuiltinInfo", "ImageSet", "Located", "data_root", "load_builtin", "locate_builtin"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +51,7 @@ class BuiltinInfo:
     classes: tuple[str, ...]
     mean: float  # of the training pixels, in [0, 1] units
     std: float
+    apt_package: str | None = None  # the Debian/Ubuntu package that installs it under SYSTEM_ROOT
 
     @property
     def files(self) -> tuple[str, str, str, str]:
@@ -104,6 +110,7 @@ BUILTIN_DATASETS: dict[str, BuiltinInfo] = {
         # numpy from the real train-images-idx3-ubyte: 0.28604060, 0.35302424.
         mean=0.2860,
         std=0.3530,
+        apt_package="dataset-fashion-mnist",
     ),
 }
 
@@ -117,15 +124,48 @@ _CHUNK = 1 << 20
 _verified: set[tuple[str, int, int, str]] = set()
 
 
-def data_root(data_dir: str | os.PathLike | None = None) -> pathlib.Path:
-    """The directory holding one folder per built-in data set: `data_dir`, else $TRAINFORGE_DATA, else
-    ~/.cache/trainforge."""
+SYSTEM_ROOT = pathlib.Path("/usr/share/datasets")
+# MNIST ships inside the package (CC BY-SA 3.0, see embedded/README.md) so that the first command works offline.
+EMBEDDED_ROOT = pathlib.Path(__file__).resolve().parent / "embedded"
+
+
+def explicit_root(data_dir: str | os.PathLike | None = None) -> pathlib.Path | None:
+    """The root the user named: `data_dir`, else $TRAINFORGE_DATA, else None."""
     if data_dir is not None:
         return pathlib.Path(data_dir).expanduser()
     env = os.environ.get("TRAINFORGE_DATA")
-    if env:
-        return pathlib.Path(env).expanduser()
-    return pathlib.Path.home() / ".cache" / "trainforge"
+    return pathlib.Path(env).expanduser() if env else None
+
+
+def data_root(data_dir: str | os.PathLike | None = None) -> pathlib.Path:
+    """The root that missing files are downloaded into: the explicit root, else ~/.cache/trainforge."""
+    return explicit_root(data_dir) or pathlib.Path.home() / ".cache" / "trainforge"
+
+
+def candidate_roots(data_dir: str | os.PathLike | None = None) -> list[tuple[str, pathlib.Path]]:
+    """(kind, root) pairs in the order they are searched; the first is where downloads go."""
+    explicit = explicit_root(data_dir)
+    if explicit is not None:
+        return [("explicit", explicit)]
+    return [("cache", data_root()), ("system", SYSTEM_ROOT), ("embedded", EMBEDDED_ROOT)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Located:
+    """Where a built-in set's four files were found."""
+
+    kind: str  # explicit, cache, system, embedded or downloaded
+    folder: pathlib.Path
+    paths: dict[str, pathlib.Path]  # file name (without .gz) -> path
+
+    @property
+    def remedy(self) -> str:
+        """What to do about a corrupt file here."""
+        if self.kind == "embedded":
+            return "the installed trainforge package is damaged: reinstall it"
+        if self.kind == "system":
+            return "the system package's files are damaged: reinstall that package"
+        return "delete it to download it again"
 
 
 def _find(folder: pathlib.Path, name: str) -> pathlib.Path | None:
@@ -208,27 +248,44 @@ def _download(info: BuiltinInfo, name: str, dest: pathlib.Path, unreachable: set
     return "; ".join(failures)
 
 
-def _missing_error(name: str, folder: pathlib.Path, missing: list[str], why: str) -> DataError:
+def _missing_error(name: str, info: BuiltinInfo, folder: pathlib.Path, missing: list[str], why: str,
+                   searched: list[pathlib.Path]) -> DataError:
     paths = ", ".join(str(folder / f"{m}.gz") for m in missing)
+    also = "".join(f"; also looked in {root / name}" for root in searched if root != folder.parent)
+    apt = f"; on Debian/Ubuntu, `apt-get install {info.apt_package}` installs it" if info.apt_package else ""
     return DataError(
-        f"{name}: missing {paths} ({why}). Put the files there (or uncompressed, without the .gz suffix), or "
-        f"choose another data root with TRAINFORGE_DATA or --data-dir (now {folder.parent})"
+        f"{name}: missing {paths} ({why}{also}). Put the files there (or uncompressed, without the .gz suffix), or "
+        f"choose another data root with TRAINFORGE_DATA or --data-dir (now {folder.parent}){apt}"
     )
 
 
-def _locate(name: str, info: BuiltinInfo, root: pathlib.Path, download: bool) -> dict[str, pathlib.Path]:
-    folder = root / name
+def _complete(folder: pathlib.Path, info: BuiltinInfo) -> dict[str, pathlib.Path] | None:
+    found = {f: _find(folder, f) for f in info.files}
+    return found if all(found.values()) else None  # type: ignore[return-value]
+
+
+def locate_builtin(name: str, data_dir: str | os.PathLike | None = None, *, download: bool = True) -> Located:
+    """Where the files of built-in set `name` are: the first complete copy among `candidate_roots`, else
+    downloaded into the first of them. Raises DataError naming every expected path when they cannot be had."""
+    info = BUILTIN_DATASETS.get(name)
+    if info is None:
+        raise DataError(f"unknown data set {name!r} (known: {', '.join(BUILTIN_DATASETS)})")
+    roots = candidate_roots(data_dir)
+    for kind, root in roots:
+        if (found := _complete(root / name, info)) is not None:
+            return Located(kind, root / name, found)
+    kind, target = roots[0]
+    folder = target / name
     found = {f: _find(folder, f) for f in info.files}
     missing = [f for f, p in found.items() if p is None]
-    if not missing:
-        return found  # type: ignore[return-value]
+    searched = [root for k, root in roots if k != "embedded" or (root / name).is_dir()]
     if not download:
-        raise _missing_error(name, folder, missing, "download disabled")
+        raise _missing_error(name, info, folder, missing, "download disabled", searched)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         why = f"cannot create the folder to download into: {e.strerror}"
-        raise _missing_error(name, folder, missing, why) from None
+        raise _missing_error(name, info, folder, missing, why, searched) from None
     failures = []
     unreachable: set[str] = set()
     for f in missing:
@@ -240,11 +297,11 @@ def _locate(name: str, info: BuiltinInfo, root: pathlib.Path, download: bool) ->
             failures.append(why)
     still_missing = [f for f, p in found.items() if p is None]
     if still_missing:
-        raise _missing_error(name, folder, still_missing, f"download failed: {'; '.join(failures)}")
-    return found  # type: ignore[return-value]
+        raise _missing_error(name, info, folder, still_missing, f"download failed: {'; '.join(failures)}", searched)
+    return Located(kind if kind == "explicit" else "downloaded", folder, found)  # type: ignore[arg-type]
 
 
-def _load_array(path: pathlib.Path, sha256: str, verify: bool) -> np.ndarray:
+def _load_array(path: pathlib.Path, sha256: str, verify: bool, remedy: str) -> np.ndarray:
     content = read_idx_bytes(path)
     if verify:
         stat = path.stat()
@@ -254,16 +311,16 @@ def _load_array(path: pathlib.Path, sha256: str, verify: bool) -> np.ndarray:
             if got != sha256:
                 raise DataError(
                     f"{path}: checksum mismatch (SHA-256 of the decompressed bytes is {got}, expected {sha256}); "
-                    "the file is corrupt or a different data set: delete it to download it again"
+                    f"the file is corrupt or a different data set: {remedy}"
                 )
             _verified.add(key)
     return parse_idx(content, str(path))
 
 
-def _image_set(images_path: pathlib.Path, labels_path: pathlib.Path, info: BuiltinInfo,
-               verify: bool) -> ImageSet:
-    images = _load_array(images_path, info.sha256[images_path.name.removesuffix(".gz")], verify)
-    labels = _load_array(labels_path, info.sha256[labels_path.name.removesuffix(".gz")], verify)
+def _image_set(images_path: pathlib.Path, labels_path: pathlib.Path, info: BuiltinInfo, verify: bool,
+               remedy: str) -> ImageSet:
+    images = _load_array(images_path, info.sha256[images_path.name.removesuffix(".gz")], verify, remedy)
+    labels = _load_array(labels_path, info.sha256[labels_path.name.removesuffix(".gz")], verify, remedy)
     if images.ndim != 3 or images.dtype != np.uint8:
         raise DataError(
             f"{images_path}: expected uint8 images of shape [N, H, W], got {images.dtype} {list(images.shape)}"
@@ -286,17 +343,15 @@ def _image_set(images_path: pathlib.Path, labels_path: pathlib.Path, info: Built
 
 def load_builtin(name: str, data_dir: str | os.PathLike | None = None, *, download: bool = True,
                  verify: bool = True) -> tuple[ImageSet, ImageSet]:
-    """Loads a built-in data set as (train, test) from <data_root(data_dir)>/<name>/.
+    """Loads a built-in data set as (train, test) from where `locate_builtin` finds it.
 
     Each file may be gzip-compressed (<file>.gz) or raw (<file>). Missing files are downloaded when `download`
     is true. With `verify`, every file's decompressed SHA-256 must match the known one (checked once per file
     version per process). Raises DataError for an unknown name, missing files (naming the exact paths expected),
     corrupt or mismatched files.
     """
-    info = BUILTIN_DATASETS.get(name)
-    if info is None:
-        raise DataError(f"unknown data set {name!r} (known: {', '.join(BUILTIN_DATASETS)})")
-    paths = _locate(name, info, data_root(data_dir), download)
-    train = _image_set(paths[info.train_images], paths[info.train_labels], info, verify)
-    test = _image_set(paths[info.test_images], paths[info.test_labels], info, verify)
+    located = locate_builtin(name, data_dir, download=download)
+    info, paths = BUILTIN_DATASETS[name], located.paths
+    train = _image_set(paths[info.train_images], paths[info.train_labels], info, verify, located.remedy)
+    test = _image_set(paths[info.test_images], paths[info.test_labels], info, verify, located.remedy)
     return train, test
