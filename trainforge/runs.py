@@ -20,18 +20,19 @@ import contextlib
 import dataclasses
 import io
 import json
+import math
 import os
 import pickle
 import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, NoReturn
 
 import torch
 from torch import nn
 
-from .errors import CheckpointError, TrainforgeError
+from .errors import CheckpointError, ConfigError, TrainforgeError
 
 MODEL_FILE = "model.safetensors"
 MODEL_INFO = "model.json"
@@ -55,6 +56,52 @@ class ModelInfo:
     std: list[float]
     width: int | None = None
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def from_values(cls, values: Any, source: str | os.PathLike) -> "ModelInfo":
+        """A ModelInfo from untrusted decoded JSON, every field checked against bounds that keep `load()` cheap
+        (a hostile file could otherwise ask for a 10^6-pixel side or 10^9 classes); CheckpointError names the
+        field."""
+        def fail(why: str) -> NoReturn:
+            raise CheckpointError(f"{source}: malformed model description ({why})")
+
+        if not isinstance(values, dict):
+            fail(f"expected a JSON object, found {type(values).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        if unknown := sorted(set(values) - names):
+            fail(f"unknown field(s) {', '.join(map(repr, unknown[:5]))}")
+        if missing := sorted(f.name for f in dataclasses.fields(cls) if f.name not in values
+                             and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING):
+            fail(f"missing field(s) {', '.join(map(repr, missing))}")
+        for field, (low, high) in _INFO_INT_BOUNDS.items():
+            value = values.get(field)
+            if field == "width" and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                fail(f"field {field!r} is {str(value)[:40]}, expected an integer from {low} to {high}")
+        if values["in_channels"] not in (1, 3):
+            fail(f"field 'in_channels' is {values['in_channels']}, expected 1 or 3")
+        if not isinstance(values["model"], str) or not 0 < len(values["model"]) <= 200:
+            fail("field 'model' must be a registered model's name")
+        classes = values["classes"]
+        if (not isinstance(classes, list) or len(classes) != values["num_classes"]
+                or not all(isinstance(c, str) and len(c) <= 1000 for c in classes)):
+            fail(f"field 'classes' must list num_classes ({values['num_classes']}) names")
+        for field in ("mean", "std"):
+            stats = values[field]
+            if (not isinstance(stats, list) or not 1 <= len(stats) <= 3 or not all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in stats)):
+                fail(f"field {field!r} must list 1 to 3 finite numbers")
+        if not all(v > 0 for v in values["std"]):
+            fail("field 'std' must be positive")
+        if not isinstance(values.get("extra", {}), dict):
+            fail("field 'extra' must be a JSON object")
+        return cls(**values)
+
+
+# Bounds on the sizes a model description may ask for: far beyond any real run, small enough to build in memory.
+_INFO_INT_BOUNDS = {"num_classes": (1, 100_000), "image_size": (1, 4096), "in_channels": (1, 3),
+                    "width": (1, 65_536)}
 
 
 @contextlib.contextmanager
@@ -109,6 +156,102 @@ def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
                 tmp.unlink()
                 removed.append(tmp)
     return removed
+
+
+LOCK_FILE = ".lock"
+# Files whose presence means a directory holds a run (finished or interrupted) that a new run would destroy.
+RUN_MARKERS = (CONFIG_FILE, MODEL_FILE)
+# What a run writes, removed by --overwrite before a new run starts there.
+RUN_OUTPUTS = (CONFIG_FILE, MODEL_FILE, MODEL_INFO, STATE_FILE, METRICS_FILE, SUMMARY_FILE)
+
+
+@dataclasses.dataclass
+class RunLock:
+    """An exclusive claim on a run directory; the kernel drops it when its process dies."""
+
+    path: Path
+    fd: int
+
+    def release(self) -> None:
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+
+def acquire_lock(run_dir: Path) -> RunLock:
+    """Claims `run_dir` for this process: a second process gets a ConfigError naming the holder (host and pid).
+
+    The claim is an flock on `<run_dir>/.lock`, which records the holder: a lock left by a dead process on this host
+    is taken over; one from another host cannot be checked from here and is reported with how to remove it.
+    """
+    import fcntl
+    import socket
+
+    path, host = run_dir / LOCK_FILE, socket.gethostname()
+    while True:
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _lock_holder(fd)
+            os.close(fd)
+            raise ConfigError(f"{run_dir} is in use by another training (pid {holder.get('pid', '?')} on host "
+                              f"{holder.get('host', host)}); wait for it to finish, or choose another --out") from None
+        if os.fstat(fd).st_ino == _inode(path):
+            break
+        os.close(fd)  # the holder released (and unlinked) the file between our open and flock: claim the new one
+    holder = _lock_holder(fd)
+    if holder.get("host", host) != host:
+        os.close(fd)
+        raise ConfigError(f"{run_dir} is locked by pid {holder.get('pid')} on host {holder['host']} (another machine, "
+                          f"so this one cannot tell whether it still runs); if it does not, delete {path}")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps({"host": host, "pid": os.getpid()}).encode(), 0)
+    return RunLock(path, fd)
+
+
+def _lock_holder(fd: int) -> dict[str, Any]:
+    try:
+        holder = json.loads(os.pread(fd, 4096, 0) or b"{}")
+    except (ValueError, OSError):
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
+def _inode(path: Path) -> int | None:
+    try:
+        return path.stat().st_ino
+    except FileNotFoundError:
+        return None
+
+
+def prepare_run_dir(run_dir: Path, *, overwrite: bool = False, resuming: bool = False) -> RunLock:
+    """Creates (or reuses) `run_dir` and claims it; a directory that already holds a run is refused unless
+    `overwrite` (which removes that run's files first) or `resuming` it. Clears temporaries a killed run left."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--out {run_dir}: is a file, expected a run directory (or a path to create one at)")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"--out {run_dir}: cannot create the run directory ({exc.strerror or exc})") from None
+    lock = acquire_lock(run_dir)
+    if not resuming and (found := [m for m in RUN_MARKERS if (run_dir / m).exists()]):
+        if not overwrite:
+            lock.release()
+            raise ConfigError(f"--out {run_dir} already holds a run ({', '.join(found)}); continue it with --resume "
+                              f"{run_dir}, choose another --out, or pass --overwrite to replace it")
+        _remove_outputs(run_dir)
+    remove_stale_temporaries(run_dir)
+    return lock
+
+
+def _remove_outputs(run_dir: Path) -> None:
+    import shutil
+
+    for name in RUN_OUTPUTS:
+        (run_dir / name).unlink(missing_ok=True)
+    shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -218,9 +361,9 @@ def read_model_info(run_dir: str | os.PathLike) -> ModelInfo:
                               f"an interrupted run can be continued with --resume)")
     try:
         values = json.loads(path.read_text())
-        return ModelInfo(**values)
-    except (json.JSONDecodeError, TypeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path}: malformed model description ({exc})") from None
+    return ModelInfo.from_values(values, path)
 
 
 def build_model(info: ModelInfo) -> nn.Module:
