@@ -51,7 +51,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.config:
         if args.resume:
             raise ConfigError("--config and --resume exclude each other: a resumed run uses its saved config")
-        layers.append(cfg.to_dict(cfg.load_file(cfg.TrainConfig, args.config)))
+        saved = cfg.to_dict(cfg.load_file(cfg.TrainConfig, args.config))
+        # A saved run's `out` says where that run went: re-running it writes a new run unless --out says otherwise.
+        saved["out"] = None
+        layers.append(saved)
     layers.append(typed_options(args))
     config = cfg.merge(cfg.TrainConfig, *layers, source=args.config or "command line")
     if args.resume and not os.path.isdir(args.resume):
