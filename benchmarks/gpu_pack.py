@@ -44,6 +44,11 @@ DEFAULT_DIR = REPO / ".gpu-pack"
 EMBEDDED_MNIST = REPO / "trainforge" / "data" / "embedded" / "mnist"
 SHARED_DATA = REPO.parent / "shared" / "data"
 TRAVEL_LIMIT = 64 * 2 ** 20
+# Packages the GPU machine has that are packed all the same, in their newest release: the packed wheels need recent
+# ones (pydantic 2.14 imports typing_extensions.sentinel, new in 4.16; with 4.15 it fails at import, tried on Python
+# 3.12), the machine's version is not known, and typing-extensions only ever adds (its compatibility policy), so a
+# newer copy is safe for everything already there.
+REFRESH = frozenset({"typing-extensions"})
 IDX_NAMES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 # The GPU machine, as environment markers see it.
@@ -125,7 +130,7 @@ def walk(roots: list[Requirement], wheel_dir: Path,
         if key in seen:
             continue
         seen.add(key)
-        if name in inventory:
+        if name in inventory and name not in REFRESH:
             have = inventory[name]
             if have is not None and not requirement.specifier.contains(have, prereleases=True):
                 raise PackError(f"{wanted_by} needs {requirement}, and the GPU machine has {name} {have}")
@@ -276,7 +281,7 @@ def build(pack_dir: Path, source: Path) -> int:
         print(f"gpu_pack: error: {total / 2 ** 20:.1f} MiB exceed the {TRAVEL_LIMIT / 2 ** 20:.0f} MiB that can "
               f"travel", file=sys.stderr)
         return 1
-    print(f"on the GPU machine, from the repository root (the device tool: carry {os.path.relpath(pack_dir, REPO)}):")
+    print(f"on the GPU machine, from the repository root, with {os.path.relpath(pack_dir, REPO)} copied there too:")
     print(run_command(pack_dir))
     return 0
 

@@ -40,7 +40,7 @@ def test_dry_run_runs_every_step_and_writes_the_json_and_the_table(tmp_path):
     table = (tmp_path / "gpu_results.md").read_text()
     assert table.startswith("### GPU proof: `python benchmarks/gpu_check.py --dry-run`") and "Dry run:" in table
     assert all(f"| {step['title']} | {step['status']} |" in table for step in report["steps"])
-    assert "| bench_resnet18_224 | cpu | bf16 | 8 |" in table
+    assert "| bench_resnet18_224 | cpu | 32 | 8 |" in table
     log = (tmp_path / "gpu_check.log").read_text()
     assert all(f"=== {name}: " in log for name, s in steps.items() if s["seconds"] is not None)
 
