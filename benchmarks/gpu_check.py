@@ -201,7 +201,7 @@ def plan_deployment(ctx: Context) -> list[Step]:
 
 def plan_other_issues(ctx: Context) -> list[Step]:
     """NCCL with several GPUs, and the measurements other issues ask for where their features exist."""
-    nproc = ctx.gpus if ctx.gpus > 1 else 2
+    nproc = 2 if ctx.dry else ctx.gpus
     work = ["--recipe", "reference", "--subset", "1024", "--epochs", "1"] if ctx.dry else ["--recipe", "cnn"]
     nccl = Step("nccl", f"train --nproc {nproc} ({'gloo on the CPU' if ctx.dry else 'NCCL'})",
                 tf("train", "--nproc", str(nproc), "--device", ctx.device, "--out", str(ctx.work / "ddp"),

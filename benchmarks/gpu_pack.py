@@ -169,6 +169,10 @@ def pack_wheels(wheel_dir: Path, inventory: dict[str, Version | None]) -> list[P
         if again:
             raise PackError(f"pip's wheels still do not satisfy {', '.join(sorted(again))}")
         asked |= {str(r) for r in missing}
+        stale = {canonicalize_name(r.name) for r in missing}  # a packed version that no longer fits: replaced
+        for path in wheel_dir.glob("*.whl"):
+            if canonicalize_name(parse_wheel_filename(path.name)[0]) in stale:
+                path.unlink()
         download(missing, wheel_dir)
     for path in wheel_dir.glob("*.whl"):
         if wheel_metadata(path)[0] not in reached:  # left from an earlier build with other requirements
