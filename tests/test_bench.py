@@ -133,6 +133,15 @@ def test_bench_cnn_reports_mfu_on_this_cpu(measured_cache, monkeypatch):
     assert [(s["device"], s["precision"]) for s in result["skipped"]] == [("cpu", "fp16")]
 
 
+def test_bench_image_size_resizes_inside_the_model(measured_cache, monkeypatch):
+    monkeypatch.setenv("TRAINFORGE_CACHE", str(measured_cache["dir"]))
+    result = bench("linear", devices=["cpu"], batch_sizes=[16], steps=1, warmup=0, image_size=56)
+    # The data stay 28x28 uint8 on the device; the model resizes them to 56x56, so its one matmul is 3136 x 10.
+    assert result["image_shape"] == [1, 28, 28] and result["image_size"] == 56
+    assert result["flops_per_sample"] == {"forward": 2 * 56 * 56 * 10, "train": 4 * 56 * 56 * 10}
+    assert bench("linear", devices=["cpu"], batch_sizes=[16], steps=1, warmup=0)["image_size"] == 28
+
+
 def test_user_mistakes_raise_errors_that_name_the_value(tmp_path):
     from trainforge.bench.command import plot
 
@@ -141,6 +150,8 @@ def test_user_mistakes_raise_errors_that_name_the_value(tmp_path):
     with pytest.raises(ConfigError, match="cannot write the hardware cache"):
         (tmp_path / "file").write_text("not a directory")
         cache.write_cache({"ceilings": {}}, tmp_path / "file" / "hw.json")
+    with pytest.raises(ConfigError, match="--image-size must be >= 1, got 0"):
+        bench("linear", devices=["cpu"], image_size=0)
     with pytest.raises(ConfigError, match="--steps must be >= 1, got 0"):
         bench("linear", devices=["cpu"], steps=0)
     with pytest.raises(ConfigError, match="--batch-size 100000 is larger than the 60000 training images of mnist"):

@@ -14,6 +14,7 @@ Examples:
   trainforge bench --model cnn                                  # every device present, its default precision
   trainforge bench --model linear --batch-size 128 512 2048 --plot bench.png
   trainforge bench --model resnet18 --device cpu cuda --precision 32 bf16 --json
+  trainforge bench --model resnet18 --image-size 224 --device cuda --precision bf16   # ImageNet-sized inputs
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default="mnist", help="built-in data set or image folder (default: mnist)")
     parser.add_argument("--data-dir", help="root of the built-in data sets")
     parser.add_argument("--width", type=int, help="width of models that take one")
+    parser.add_argument("--image-size", type=int, metavar="N",
+                        help="side length the model works at: images are resized inside the model, as "
+                             "`finetune --image-size` does (default: the data's own size)")
     parser.add_argument("--device", nargs="+", default=["all"], metavar="DEVICE",
                         help="devices to compare: all (every device present; the default), cpu, cuda, cuda:N, mps")
     parser.add_argument("--precision", nargs="+", default=["auto"], choices=("auto", "32", "bf16", "fp16"),
@@ -57,9 +61,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     show = not (args.json or args.quiet)
     if args.plot:
         _check_plot_path(Path(args.plot))  # before minutes of measuring, not after
-    result = bench(args.model, args.data, data_dir=args.data_dir, width=args.width, devices=args.device,
-                   precisions=args.precision, batch_sizes=args.batch_size, compile=args.compile, steps=args.steps,
-                   warmup=args.warmup, progress=show)
+    result = bench(args.model, args.data, data_dir=args.data_dir, width=args.width, image_size=args.image_size,
+                   devices=args.device, precisions=args.precision, batch_sizes=args.batch_size, compile=args.compile,
+                   steps=args.steps, warmup=args.warmup, progress=show)
     if args.plot:
         result["plot"] = str(plot(result, args.plot))
     if show:
@@ -68,7 +72,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def bench(model: str, data: str = "mnist", *, data_dir: str | None = None, width: int | None = None,
-          devices: list[str] | None = None, precisions: list[str] | None = None,
+          image_size: int | None = None, devices: list[str] | None = None, precisions: list[str] | None = None,
           batch_sizes: list[int] | None = None, compile: bool = False, steps: int = 20, warmup: int = 3,
           progress: bool = False) -> dict[str, Any]:
     """Throughput, latency, FLOPs and MFU of `model` for every (device, precision, batch size) asked for.
@@ -88,6 +92,8 @@ def bench(model: str, data: str = "mnist", *, data_dir: str | None = None, width
         raise ConfigError(f"--warmup must be >= 0, got {warmup}")
     if width is not None and width < 1:
         raise ConfigError(f"--width must be >= 1, got {width}")
+    if image_size is not None and image_size < 1:
+        raise ConfigError(f"--image-size must be >= 1, got {image_size}")
     for b in batch_sizes or []:
         if b < 1:
             raise ConfigError(f"--batch-size must be >= 1, got {b}")
@@ -110,8 +116,8 @@ def bench(model: str, data: str = "mnist", *, data_dir: str | None = None, width
     if max(batch_sizes) > len(bundle.train.labels):
         raise ConfigError(f"--batch-size {max(batch_sizes)} is larger than the {len(bundle.train.labels)} "
                           f"training images of {bundle.name}")
-    net = build_classifier(model, len(bundle.classes), bundle.in_channels, bundle.image_size, bundle.mean,
-                           bundle.std, width=width)
+    side = image_size or bundle.image_size
+    net = build_classifier(model, len(bundle.classes), bundle.in_channels, side, bundle.mean, bundle.std, width=width)
     flops = count_flops(net, bundle.train.images[:1])
     record = _ceilings({d for d, _, _ in combos}, progress)
 
@@ -120,8 +126,8 @@ def bench(model: str, data: str = "mnist", *, data_dir: str | None = None, width
         for device, precision, batch_size in combos:
             bar.describe(f"{cache.device_key(device)} {precision} batch {batch_size}")
             torch.manual_seed(0)
-            net = build_classifier(model, len(bundle.classes), bundle.in_channels, bundle.image_size, bundle.mean,
-                                   bundle.std, width=width)
+            net = build_classifier(model, len(bundle.classes), bundle.in_channels, side, bundle.mean, bundle.std,
+                                   width=width)
             row = measure(net, config, bundle.train.images, bundle.train.labels, device, precision, batch_size,
                           compile=compile, steps=steps, warmup=warmup)
             ceiling = cache.lookup_ceiling(device, precision, record)
@@ -133,7 +139,7 @@ def bench(model: str, data: str = "mnist", *, data_dir: str | None = None, width
             rows.append(row)
             bar.advance()
     _add_speedups(rows)
-    return {"model": model, "data": bundle.name, "image_shape": list(bundle.train.images.shape[1:]),
+    return {"model": model, "data": bundle.name, "image_shape": list(bundle.train.images.shape[1:]), "image_size": side,
             "recipe": config.recipe, "optimizer": config.optimizer, "compile": compile, "steps": steps,
             "warmup": warmup, "flops_per_sample": {"forward": flops.forward, "train": flops.train},
             "results": rows, "skipped": skipped, "ceilings_file": str(cache.cache_path()), "plot": None}
@@ -263,7 +269,8 @@ def print_table(result: dict[str, Any]) -> None:
     from rich.table import Table
 
     flops = result["flops_per_sample"]
-    table = Table(title=f"{result['model']} on {result['data']}: {flops['forward']:,} FLOPs/sample forward, "
+    resized = f" at {result['image_size']}px" if result["image_size"] != result["image_shape"][-1] else ""
+    table = Table(title=f"{result['model']} on {result['data']}{resized}: {flops['forward']:,} FLOPs/sample forward, "
                         f"{flops['train']:,} per training sample; ms: median per step (train) or batch "
                         f"(infer); MFU: of the measured matmul ceiling")
     # One row per mode keeps the table within 80 columns; the JSON has every figure, p90 latencies included.
