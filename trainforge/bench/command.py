@@ -144,12 +144,12 @@ def measure(net: torch.nn.Module, config: cfg.TrainConfig, images: torch.Tensor,
             warmup: int = 3) -> dict[str, Any]:
     """Training-step and inference timings of `net` (a Classifier taking uint8 images) on real batches.
 
-    The training step is the one `train()` runs: autocast forward, cross-entropy, backward, the recipe's optimizer
-    (with a gradient scaler for fp16). Batches are drawn on the device the way training draws them.
+    The training step is `train()`'s own (`train.loop.step`) with the recipe's optimizer; batches are drawn on the
+    device the way training draws them.
     """
     from ..data import DeviceLoader
     from ..train.device import autocast, configure_backends
-    from ..train.loop import cross_entropy, make_optimizer
+    from ..train.loop import StepParts, cross_entropy_loss, make_optimizer, step
 
     configure_backends(device)
     net = net.to(device)
@@ -157,23 +157,17 @@ def measure(net: torch.nn.Module, config: cfg.TrainConfig, images: torch.Tensor,
         net = net.to(memory_format=torch.channels_last)
         torch.cuda.reset_peak_memory_stats(device)
     step_model = torch.compile(net) if compile else net
-    optimizer = make_optimizer(config, [{"params": list(net.parameters())}], device)
-    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+    # The trainer's own step and loss; no schedule, as the learning rate does not change a step's cost.
+    parts = StepParts(model=net, step_model=step_model,
+                      optimizer=make_optimizer(config, [{"params": list(net.parameters())}], device), scheduler=None,
+                      scaler=torch.amp.GradScaler(device.type) if precision == "fp16" else None,
+                      criterion=cross_entropy_loss(config.label_smoothing), device=device,
+                      precision=precision)
     loader = DeviceLoader(images, labels, batch_size, device=device, shuffle=True, seed=0, drop_last=True)
     batches = _cycle(loader)
 
     def train_step() -> None:
-        x, y = next(batches)
-        with autocast(device, precision):
-            loss = cross_entropy(step_model(x).float(), y)  # the trainer's loss, so the step is the trainer's
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
+        step(parts, *next(batches))
 
     @torch.inference_mode()
     def infer_step() -> None:

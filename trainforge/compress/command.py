@@ -161,14 +161,14 @@ def compress_run(run_dir: str | Path, out: str | Path, options: Options | None =
     example = full.test.images[:2]
 
     def finetune(module: nn.Module, name: str, loss_fn: Any = None, keep: Path | None = None) -> dict[str, Any]:
-        from ..train import train
+        from ..train import Hooks, train
 
         config = dataclasses.replace(saved, epochs=options.finetune_epochs, lr=saved.lr * options.finetune_lr_scale,
                                      subset=None, target_acc=None, compile=False, checkpoint_every=None,
                                      checkpoint_minutes=None, tensorboard=False, device=options.device)
         with tempfile.TemporaryDirectory() as tmp:
             config = dataclasses.replace(config, out=str(keep or Path(tmp) / name))
-            result = train(config, model=module, data=bundle, loss_fn=loss_fn, model_info=info,
+            result = train(config, data=bundle, hooks=Hooks(model=module, model_info=info, loss_fn=loss_fn),
                            progress=options.progress)
         module.cpu().eval()
         return {"finetune_epochs": options.finetune_epochs, "finetune_test_acc": result.test_acc}

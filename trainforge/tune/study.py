@@ -188,7 +188,7 @@ def make_objective(space: SearchSpace, bundle: Any, trials_dir: Path, progress: 
     import optuna
 
     from .. import runs
-    from ..train import train
+    from ..train import Hooks, train
 
     def objective(trial: Any) -> float:
         values = space.suggest(trial)
@@ -207,7 +207,7 @@ def make_objective(space: SearchSpace, bundle: Any, trials_dir: Path, progress: 
             return False
 
         try:
-            result = train(config, data=bundle, progress=progress, on_epoch=on_epoch)
+            result = train(config, data=bundle, hooks=Hooks(on_epoch=on_epoch), progress=progress)
         except TrainingError as exc:
             # A diverging learning rate is a bad setting, not a broken study: record why and prune the trial.
             trial.set_user_attr("error", str(exc))
