@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from trainforge.bench import hw
+from trainforge.hardware import probe as hw
 from trainforge.train.device import synchronize
 
 

@@ -10,9 +10,10 @@ import pytest
 import torch
 from conftest import run_cli
 
-from trainforge.bench import cache, hw
+from trainforge import hw as hw_verb
+from trainforge.hardware import ceilings, probe
 from trainforge.bench.command import bench, print_table
-from trainforge.bench.flops import count_flops
+from trainforge.hardware.flops import count_flops
 from trainforge.errors import ConfigError
 from trainforge.models import build_classifier
 
@@ -53,23 +54,23 @@ def test_hw_measure_writes_the_per_machine_cache(measured_cache, tmp_path, monke
     cache_files = list(measured_cache["dir"].glob("hw-*.json"))
     assert [str(p) for p in cache_files] == [report["cache_file"]]
     monkeypatch.setenv("TRAINFORGE_CACHE", str(measured_cache["dir"]))
-    hw.run(argparse.Namespace(measure=False, json=False, quiet=False))
+    hw_verb.run(argparse.Namespace(measure=False, json=False, quiet=False))
     human = capsys.readouterr().out
     assert "AVX" in human or "NEON" in human or "baseline" in human
     assert "fp32 matmul" in human and "FLOP/s" in human and report["cache_file"] in human.replace("\n", "")
     # Another cache directory holds no measurement of this machine.
     monkeypatch.setenv("TRAINFORGE_CACHE", str(tmp_path))
-    empty = hw.run(argparse.Namespace(measure=False, json=True, quiet=True))
+    empty = hw_verb.run(argparse.Namespace(measure=False, json=True, quiet=True))
     assert empty["ceilings"] is None and empty["cache_file"] is None and empty["cpu"] == report["cpu"]
 
 
 def test_cpu_matmul_ceiling_is_within_30_percent_of_a_plain_timing_loop():
     # The machine is shared, so one pair of back-to-back timings can be disturbed by a neighbour: the relation
     # must hold in at least one of three attempts.
-    device, n = torch.device("cpu"), hw.MATMUL_SIZE["cpu"]
+    device, n = torch.device("cpu"), probe.MATMUL_SIZE["cpu"]
     ratios = []
     for _ in range(3):
-        ceiling = hw.measure_matmul(device, "fp32", seconds=0.4)
+        ceiling = probe.measure_matmul(device, "fp32", seconds=0.4)
         a, b = torch.randn(n, n), torch.randn(n, n)
         torch.matmul(a, b)
         iterations = 8
@@ -140,7 +141,7 @@ def test_user_mistakes_raise_errors_that_name_the_value(tmp_path):
         plot({"results": []}, tmp_path / "missing" / "bench.png")
     with pytest.raises(ConfigError, match="cannot write the hardware cache"):
         (tmp_path / "file").write_text("not a directory")
-        cache.write_cache({"ceilings": {}}, tmp_path / "file" / "hw.json")
+        ceilings.write_cache({"ceilings": {}}, tmp_path / "file" / "hw.json")
     with pytest.raises(ConfigError, match="--steps must be >= 1, got 0"):
         bench("linear", devices=["cpu"], steps=0)
     with pytest.raises(ConfigError, match="--batch-size 100000 is larger than the 60000 training images of mnist"):
@@ -167,7 +168,7 @@ def test_training_records_monitoring_fields(measured_cache, tmp_path, monkeypatc
     trainforge.train({**config, "out": str(tmp_path / "measured"), "tensorboard": False}, data=bundle,
                      progress=False)
     (record,) = [json.loads(line) for line in (tmp_path / "measured" / "metrics.jsonl").read_text().splitlines()]
-    ceiling = cache.lookup_ceiling(torch.device("cpu"), "32")
+    ceiling = ceilings.lookup_ceiling(torch.device("cpu"), "32")
     assert ceiling == measured_cache["report"]["ceilings"]["cpu"]["matmul_flops"]["fp32"]
     assert record["mfu"] == pytest.approx(record["flops_per_second"] / ceiling)
     assert record["train_samples_per_second"] >= record["samples_per_second"]  # the latter includes evaluation

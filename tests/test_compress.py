@@ -20,7 +20,7 @@ KEYS = {"name", "test_acc", "params", "size_bytes", "latency_ms_p50", "latency_m
 def quick_options(**kwargs):
     from trainforge.compress import Options
 
-    return Options(test_images=500, latency_calls=10, repeats=1, runtimes=("eager", "onnxruntime"),
+    return Options(test_images=500, latency_calls=10, repeats=1, runtimes="eager,onnxruntime",
                    progress=False, **kwargs)
 
 
@@ -60,7 +60,7 @@ def test_int8_cli_report(small_cnn_run, tmp_path):
 
 def test_channel_and_magnitude_pruning(small_cnn_run, tmp_path):
     from trainforge.compress import compress_run
-    from trainforge.deploy.export import load_program
+    from trainforge.deploy.formats import load_program
 
     report = compress_run(small_cnn_run, tmp_path, quick_options(prune=0.5, prune_kind="both", subset=1000))
     base, channel, magnitude = report["variants"]
@@ -113,11 +113,11 @@ def test_distillation_loss_matches_teacher_at_zero():
 
 def test_compress_errors(small_cnn_run, tmp_path):
     from trainforge.compress import Options, compress_run
-    from trainforge.errors import DeployError
+    from trainforge.errors import ConfigError
 
     result = run_cli("compress", str(small_cnn_run), "--out", str(tmp_path / "x"))
     assert result.returncode == 2 and "nothing to do" in result.stderr
-    with pytest.raises(DeployError, match="--prune"):
+    with pytest.raises(ConfigError, match="--prune"):
         compress_run(small_cnn_run, tmp_path, quick_options(prune=1.5))
-    with pytest.raises(DeployError, match="--runtimes"):
-        compress_run(small_cnn_run, tmp_path, Options(quantize="int8", runtimes=("tensorrt",)))
+    with pytest.raises(ConfigError, match="--runtimes"):
+        compress_run(small_cnn_run, tmp_path, Options(quantize="int8", runtimes="tensorrt"))

@@ -20,6 +20,7 @@ from conftest import REPO, run_cli
 
 import trainforge
 from trainforge import cli, runs
+from trainforge import config as cfg
 from trainforge.errors import ConfigError
 from trainforge.train import command, distributed
 
@@ -35,6 +36,7 @@ SMALL_FLAGS = ["--model", "linear", "--subset", "451", "--batch-size", "200", "-
 WRITE_LOGGER = """
 import os, sys
 from trainforge import cli, runs
+from trainforge import config as cfg
 from trainforge.errors import ConfigError
 
 log = open(sys.argv[1], "a")
@@ -236,7 +238,7 @@ def test_workers_get_the_command_line_without_nproc():
     argv = command.worker_argv(args)
     assert "--nproc" not in argv
     again = parser.parse_args(argv)
-    assert command.typed_options(again) == command.typed_options(args)
+    assert cfg.typed_options(again, cfg.TrainConfig) == cfg.typed_options(args, cfg.TrainConfig)
     assert again.json and again.nproc is None
 
 

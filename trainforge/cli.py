@@ -24,12 +24,12 @@ VERBS: dict[str, tuple[str, str]] = {
     "predict": ("trainforge.predict", "classify image files (PNG/JPEG/.npy) with a run's model"),
     "models": ("trainforge.models.command", "list the registered models and recipes"),
     "finetune": ("trainforge.finetune.command", "fine-tune a pretrained model (full, linear probe, LoRA, gradual; --update)"),
-    "export": ("trainforge.deploy.export", "export a run's model to ONNX or a torch.export program, parity-checked"),
-    "serve": ("trainforge.deploy.serve", "serve a model over HTTP with dynamic batching (FastAPI + uvicorn)"),
+    "export": ("trainforge.export", "export a run's model to ONNX or a torch.export program, parity-checked"),
+    "serve": ("trainforge.serve", "serve a model over HTTP with dynamic batching (FastAPI + uvicorn)"),
     "compress": ("trainforge.compress.command", "prune, distill and quantize a run's model, with a speed/size report"),
     "tune": ("trainforge.tune.command", "search hyperparameters with Optuna on a validation split (resumable)"),
     "report": ("trainforge.report", "write one self-contained HTML report of one run or a comparison of runs"),
-    "hw": ("trainforge.bench.hw", "show this machine's devices and measure their ceilings"),
+    "hw": ("trainforge.hw", "show this machine's devices and measure their ceilings"),
     "bench": ("trainforge.bench.command", "measure a model's training/inference speed and MFU per device"),
 }
 

@@ -230,6 +230,12 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str
         parser.add_argument(flag, **kwargs)
 
 
+def typed_options(args: argparse.Namespace, cls: type) -> dict[str, Any]:
+    """The fields of `cls` the user typed on the command line (flags from `add_arguments` default to SUPPRESS)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in vars(args).items() if k in names}
+
+
 def _number_arg(name: str, kind: type) -> typing.Callable[[str], Any]:
     def parse(text: str) -> Any:
         try:
@@ -250,4 +256,4 @@ def merge(cls: type[T], *layers: typing.Mapping[str, Any], source: str = "config
 
 
 __all__ = ["TrainConfig", "from_dict", "load_file", "dumps", "to_dict", "to_json", "add_arguments", "merge",
-           "validate", "option"]
+           "typed_options", "validate", "option"]

@@ -33,7 +33,7 @@ from .. import runs
 from ..config import option
 from ..data import DataBundle, ImageSet, eval_batches, load_data
 from ..errors import ConfigError
-from ..models import Preprocess
+from ..models import Preprocess, count_params
 from ..models.registry import effective_width
 from ..train.loop import Hooks, TrainResult, evaluate, train
 from . import sources, strategies, update
@@ -94,12 +94,9 @@ def _help(cls: type, name: str) -> str:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any] | None:
-    given = vars(args)
-    ft_names = {f.name for f in dataclasses.fields(FinetuneConfig)}
-    train_names = {f.name for f in dataclasses.fields(cfg.TrainConfig)} - {"strategy"}
-    options = cfg.from_dict(FinetuneConfig, {k: v for k, v in given.items() if k in ft_names}, source="command line")
-    result = finetune(options, {k: v for k, v in given.items() if k in train_names},
-                      progress=not (args.quiet or args.json))
+    options = cfg.from_dict(FinetuneConfig, cfg.typed_options(args, FinetuneConfig), source="command line")
+    train_options = {k: v for k, v in cfg.typed_options(args, cfg.TrainConfig).items() if k != "strategy"}
+    result = finetune(options, train_options, progress=not (args.quiet or args.json))
     if not result.get("run_dir"):
         return None
     if not (args.quiet or args.json):
@@ -149,11 +146,11 @@ def finetune(options: FinetuneConfig | dict[str, Any], train_options: dict[str, 
                           f"source")
     torch.manual_seed(config.seed)
     job = _build_job(options, config, source, bundle, old_data)
-    total_params = strategies.count_params(job.model)
+    total_params = count_params(job.model)
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device)
     hooks, unfreezer = _strategy_hooks(options, config, source, job)
-    trainable = strategies.count_params(job.model, trainable_only=True)
+    trainable = count_params(job.model, trainable_only=True)
     # The run records the data it was tuned on (the B task for --update), so that `eval RUN` finds it again.
     config = dataclasses.replace(config, model=source.arch, data=config.data if data is None else job.bundle.name)
     result, feature_seconds = _train(config, job, hooks, cache, device, precision, progress)
@@ -161,7 +158,7 @@ def finetune(options: FinetuneConfig | dict[str, Any], train_options: dict[str, 
     if options.strategy == "lora":
         model.net = strategies.merge_lora(model.net)
     if unfreezer is not None:
-        trainable = strategies.count_params(model, trainable_only=True)
+        trainable = count_params(model, trainable_only=True)
     if result.run_dir is None:  # a non-zero rank of a multi-process run: rank 0 writes the run
         return result.to_dict()
     run_dir = Path(result.run_dir)

@@ -181,9 +181,9 @@ def build_figures(analyses: list[RunAnalysis]) -> list[tuple[str, str, bytes]]:
 
 def hardware_summary() -> dict[str, Any]:
     """This machine: torch, CPU and accelerators, with the measured ceilings of `trainforge hw --measure` if cached."""
-    from ..bench import cache, hw
+    from ..hardware import ceilings, probe
 
-    facts = hw.inspect()
+    facts = probe.inspect()
     cpu = facts["cpu"]
     rows = {"host": facts["host"], "python": facts["python"], "torch": facts["torch"],
             "platform": platform.platform(), "CPU": cpu["model"],
@@ -200,15 +200,15 @@ def hardware_summary() -> dict[str, Any]:
         rows["GPU"] = "none"
     if facts["mps"]:
         rows["MPS"] = "available"
-    cached = cache.read_cache()
+    cached = ceilings.read_cache()
     if cached:
-        for device, ceilings in cached["ceilings"].items():
-            matmul = ceilings.get("matmul_flops") if isinstance(ceilings, dict) else None
+        for device, measured in cached["ceilings"].items():
+            matmul = measured.get("matmul_flops") if isinstance(measured, dict) else None
             if isinstance(matmul, dict):
                 rows[f"{device} matmul ceiling"] = ", ".join(f"{dtype} {value / 1e12:.2f} TFLOP/s"
                                                               for dtype, value in matmul.items()
                                                               if isinstance(value, (int, float)))
-            bandwidth = ceilings.get("memory_bandwidth") if isinstance(ceilings, dict) else None
+            bandwidth = measured.get("memory_bandwidth") if isinstance(measured, dict) else None
             if isinstance(bandwidth, (int, float)):
                 rows[f"{device} memory bandwidth"] = f"{bandwidth / 1e9:.1f} GB/s"
         rows["ceilings measured at"] = cached.get("measured_at")

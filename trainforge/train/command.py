@@ -37,12 +37,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
     cfg.add_arguments(parser.add_argument_group("training options"), cfg.TrainConfig)
 
 
-def typed_options(args: argparse.Namespace, cls: type = cfg.TrainConfig) -> dict[str, Any]:
-    """The config fields the user typed on the command line (flags default to SUPPRESS)."""
-    names = {f for f in cls.__dataclass_fields__}
-    return {k: v for k, v in vars(args).items() if k in names}
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from . import distributed
     from .loop import train
@@ -52,7 +46,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.resume:
             raise ConfigError("--config and --resume exclude each other: a resumed run uses its saved config")
         layers.append(cfg.to_dict(cfg.load_file(cfg.TrainConfig, args.config)))
-    layers.append(typed_options(args))
+    layers.append(cfg.typed_options(args, cfg.TrainConfig))
     config = cfg.merge(cfg.TrainConfig, *layers, source=args.config or "command line")
     if args.resume and not os.path.isdir(args.resume):
         raise ConfigError(f"--resume {args.resume}: no such run directory")
@@ -95,7 +89,7 @@ def worker_argv(args: argparse.Namespace) -> list[str]:
         argv += ["--config", args.config]
     if args.resume:
         argv += ["--resume", args.resume]
-    for name, value in typed_options(args).items():
+    for name, value in cfg.typed_options(args, cfg.TrainConfig).items():
         flag = "--" + name.replace("_", "-")
         if isinstance(value, bool):
             argv.append(flag if value else f"--no-{flag[2:]}")
