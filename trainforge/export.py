@@ -22,7 +22,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import config as cfg
 from . import runs
 from .deploy.formats import (FORMATS, check_parity, export_onnx, export_program, load_program, onnx_predictor,
                              onnx_session, torch_predictor)
@@ -50,12 +49,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def parity_images(run_dir: str | os.PathLike, count: int, data_dir: str | None = None) -> np.ndarray:
     """The first `count` test images of the data set a run was trained on, as uint8 [N, C, H, W]."""
-    from .data import load_data
-
-    saved = cfg.load_file(cfg.TrainConfig, Path(run_dir) / runs.CONFIG_FILE)
-    bundle = load_data(saved.data, data_dir or saved.data_dir, seed=saved.seed, image_size=saved.image_size,
-                       val_fraction=saved.val_fraction)
-    return bundle.test.images[:count].numpy()
+    return runs.load_run_data(run_dir, data_dir).test.images[:count].numpy()
 
 
 def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, format: str = "onnx", opset: int | None = None,

@@ -174,14 +174,13 @@ def compress_run(run_dir: str | Path, out: str | Path, options: Options | None =
 
 
 def _prepare(run_dir: Path, out: Path, options: Options) -> _Job:
-    from ..data import DataBundle, ImageSet, balanced_subset, load_data
+    from ..data import DataBundle, ImageSet, balanced_subset
 
     model = runs.load(run_dir)
-    saved = cfg.load_file(cfg.TrainConfig, run_dir / runs.CONFIG_FILE)
     teacher = _load_teacher(options.distill_from, model) if options.distill_from else None
     out.mkdir(parents=True, exist_ok=True)
-    full = load_data(saved.data, options.data_dir or saved.data_dir, seed=saved.seed, image_size=saved.image_size,
-                     val_fraction=saved.val_fraction)
+    run_data = runs.load_run_data(run_dir, options.data_dir)
+    saved, full = run_data.config, run_data.dataset  # fine-tuning draws on every training image of the data set
     n_test = min(options.test_images or len(full.test.labels), len(full.test.labels))
     test = ImageSet(full.test.images[:n_test], full.test.labels[:n_test], full.classes)
     train_set = full.train

@@ -83,10 +83,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("fine-tuning options")
     group.add_argument("--from", dest="source", metavar="SOURCE", required=True, help=_help(FinetuneConfig, "source"))
     cfg.add_arguments(group, FinetuneConfig, skip=("source",))
-    # `strategy` of TrainConfig is the multi-process one (ddp/fsdp); fine-tuning runs the default.
+    # Several processes share a fine-tuning run the default way (ddp).
     cfg.add_arguments(parser.add_argument_group("training options (--image-size also sets the resolution of "
                                                 "pretrained ImageNet models)"), cfg.TrainConfig,
-                      skip=("strategy",))
+                      skip=("parallel",))
 
 
 def _help(cls: type, name: str) -> str:
@@ -95,8 +95,7 @@ def _help(cls: type, name: str) -> str:
 
 def run(args: argparse.Namespace) -> dict[str, Any] | None:
     options = cfg.from_dict(FinetuneConfig, cfg.typed_options(args, FinetuneConfig), source="command line")
-    train_options = {k: v for k, v in cfg.typed_options(args, cfg.TrainConfig).items() if k != "strategy"}
-    result = finetune(options, train_options, progress=not (args.quiet or args.json))
+    result = finetune(options, cfg.typed_options(args, cfg.TrainConfig), progress=not (args.quiet or args.json))
     if not result.get("run_dir"):
         return None
     if not (args.quiet or args.json):

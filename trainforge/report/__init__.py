@@ -118,26 +118,20 @@ def analyze_run(run_dir: str | Path, label: str, *, data_dir: str | None = None,
                 device: torch.device = torch.device("cpu"), batch_size: int = 2000,
                 worst: int = WORST_IMAGES) -> RunAnalysis:
     """Reads a run's record and evaluates its model on the evaluation set it was trained against."""
-    from ..data import load_data
-    from ..data.loaders import holdout_split
-
     run_dir = Path(run_dir)
     model = runs.load(run_dir, device)
-    config = cfg.load_file(cfg.TrainConfig, run_dir / runs.CONFIG_FILE)
     summary_path = run_dir / runs.SUMMARY_FILE
     try:
         summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DataError(f"{summary_path}: not valid JSON ({exc})") from None
-    bundle = load_data(config.data, data_dir or config.data_dir, subset=config.subset, seed=config.seed,
-                       image_size=config.image_size, val_fraction=config.val_fraction, loader=config.loader)
-    if config.holdout:
-        bundle = holdout_split(bundle, config.val_fraction, config.seed)
+    run_data = runs.load_run_data(run_dir, data_dir)
+    config, dataset = run_data.config, run_data.dataset
     classes = list(model.classes)
-    if len(bundle.classes) > len(classes):
-        raise DataError(f"{bundle.name} has {len(bundle.classes)} classes but the model of {run_dir} predicts "
+    if len(dataset.classes) > len(classes):
+        raise DataError(f"{dataset.name} has {len(dataset.classes)} classes but the model of {run_dir} predicts "
                         f"{len(classes)}")
-    images, labels = bundle.test.images, bundle.test.labels
+    images, labels = run_data.evaluation.images, run_data.evaluation.labels
     probs = torch.cat([model(images[i:i + batch_size].to(device)).float().softmax(1).cpu()
                        for i in range(0, len(labels), batch_size)])
     predicted = probs.argmax(1)

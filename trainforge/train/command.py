@@ -10,7 +10,7 @@ Examples:
   trainforge train --resume runs/x                   # continue an interrupted run
   trainforge train --nproc 2                         # 2 local processes (DDP); --batch-size stays the global batch
   trainforge train --nproc 2 --resume runs/x         # resume on any number of processes
-  torchrun --nproc-per-node 8 -m trainforge train --model resnet18 --strategy fsdp   # what --nproc runs, by hand
+  torchrun --nproc-per-node 8 -m trainforge train --model resnet18 --parallel fsdp   # what --nproc runs, by hand
 
 Several processes: `--nproc N` starts N processes on this machine through torch.distributed's elastic launcher
 (torchrun); for several machines run torchrun on each, e.g. `torchrun --nnodes 2 --nproc-per-node 8

@@ -237,7 +237,7 @@ def _data_and_model(config: cfg.TrainConfig, data: DataBundle | None, hooks: Hoo
 def _step_parts(config: cfg.TrainConfig, model: nn.Module, hooks: Hooks, device: torch.device, precision: str,
                 world: int, total_steps: int) -> StepParts:
     # DDP, or FSDP sharding `model` in place; before the optimizer is built, as FSDP replaces the parameters.
-    step_model = distributed.wrap(model, config.strategy, device, world)
+    step_model = distributed.wrap(model, config.parallel, device, world)
     groups = (hooks.param_groups(model) if hooks.param_groups
               else [{"params": [p for p in model.parameters() if p.requires_grad]}])
     optimizer = make_optimizer(config, groups, device)

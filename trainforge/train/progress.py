@@ -19,9 +19,11 @@ class Bar:
         from rich.console import Console
         from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                    TimeRemainingColumn)
+        from rich.table import Column
 
-        columns = [TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(),
-                   *[TextColumn(f"{{task.fields[{f}]}}") for f in fields]]
+        # The label keeps its width when a narrow console (80 columns off a terminal) squeezes the row.
+        columns = [TextColumn(f"[bold]{label}", table_column=Column(no_wrap=True, min_width=len(label))), BarColumn(),
+                   MofNCompleteColumn(), *[TextColumn(f"{{task.fields[{f}]}}") for f in fields]]
         if clock is not None:
             columns.append(TimeElapsedColumn() if clock == "elapsed" else TimeRemainingColumn())
         self.progress = Progress(*columns, console=Console(file=sys.stderr), transient=False)
