@@ -64,24 +64,25 @@ def test_hw_measure_writes_the_per_machine_cache(measured_cache, tmp_path, monke
     assert empty["ceilings"] is None and empty["cache_file"] is None and empty["cpu"] == report["cpu"]
 
 
-def test_cpu_matmul_ceiling_is_within_30_percent_of_a_plain_timing_loop():
-    # The machine is shared, so one pair of back-to-back timings can be disturbed by a neighbour: the relation
-    # must hold in at least one of three attempts.
-    device, n = torch.device("cpu"), probe.MATMUL_SIZE["cpu"]
-    ratios = []
-    for _ in range(3):
-        ceiling = probe.measure_matmul(device, "fp32", seconds=0.4)
-        a, b = torch.randn(n, n), torch.randn(n, n)
-        torch.matmul(a, b)
-        iterations = 8
-        start = time.perf_counter()
-        for _ in range(iterations):
-            torch.matmul(a, b)
-        plain = 2 * n ** 3 * iterations / (time.perf_counter() - start)
-        ratios.append(ceiling / plain)
-        if 0.7 <= ratios[-1] <= 1.3:
-            return
-    pytest.fail(f"measured ceiling / plain matmul loop = {ratios}, never within 30%")
+def test_sustained_rate_is_the_median_block_on_given_timings(monkeypatch):
+    # A clock that each call advances by 10 ms, except every call of the third timed block (a neighbour's burst):
+    # the median block's rate is the 100 calls/s the device sustains. The real comparison with a plain timing
+    # loop is a measurement, in benchmarks/hw_ceiling.py.
+    clock, calls = [0.0], [0]
+
+    def call():
+        calls[0] += 1
+        clock[0] += 0.01
+        if 2 + 2 * reps() < calls[0] <= 2 + 3 * reps():
+            clock[0] += 0.05
+
+    def reps():
+        return max(1, int(1.0 / probe.BLOCKS / 0.01))
+
+    monkeypatch.setattr(probe.time, "perf_counter", lambda: clock[0])
+    assert probe._sustained_rate(call, torch.device("cpu"), seconds=1.0) == pytest.approx(100.0)
+    monkeypatch.setattr(probe, "_sustained_rate", lambda fn, device, seconds: 50.0)
+    assert probe.measure_matmul(torch.device("cpu"), "fp32", size=64) == 2 * 64 ** 3 * 50.0
 
 
 def test_flop_count_of_linear_is_the_hand_count_and_leaves_the_model_alone():

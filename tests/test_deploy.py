@@ -5,22 +5,18 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
+import httpx
 import numpy as np
+import onnxruntime as ort
 import pytest
 import torch
 
-from conftest import REPO, run_cli
-
-httpx = pytest.importorskip("httpx")
-ort = pytest.importorskip("onnxruntime")
+from conftest import run_cli, start_server
 
 
 @pytest.fixture(scope="module")
@@ -139,29 +135,6 @@ def test_auto_backend_keeps_the_fastest_on_given_timings():
 # --- a real server process ---------------------------------------------------------------------------------------
 
 MAX_BODY = 200_000
-
-
-def start_server(source: Path, *args: str) -> tuple[subprocess.Popen, str]:
-    """`trainforge serve SOURCE ARGS` on a free port of 127.0.0.1, once its /health answers."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.Popen([sys.executable, "-m", "trainforge", "serve", str(source), "--port", str(port), "--quiet",
-                             *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"server exited early: {proc.stderr.read()}")
-        try:
-            httpx.get(base + "/health", timeout=1.0)
-            return proc, base
-        except httpx.TransportError:
-            if time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail("server did not start")
-            time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")
