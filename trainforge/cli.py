@@ -86,10 +86,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run_noting_interrupts(run: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> Any:
     """`run(args)`, with any error raised after a Ctrl-C (SIGINT) turned into the KeyboardInterrupt it follows.
 
-    Code that does not expect a KeyboardInterrupt can fail in its own way while unwinding from one: Optuna's trial
-    bookkeeping raised UnboundLocalError when the interrupt landed while it stored a result, and the CLI printed a
-    traceback and exited 1 instead of reporting an interrupted study (130). A SIGINT handler installed by the verb
-    itself (uvicorn's, while serving) takes precedence while it is installed.
+    Code that does not expect a KeyboardInterrupt can fail in its own way while unwinding from one (a library's
+    bookkeeping half done), and the user pressed Ctrl-C, so the exit says "interrupted" (130), not that error. A
+    SIGINT handler installed by the verb itself (uvicorn's, while serving) takes precedence while it is installed.
     """
     interrupts: list[int] = []
 

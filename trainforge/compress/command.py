@@ -333,8 +333,7 @@ def _int8_note(rows: list[dict[str, Any]], cpu: dict[str, Any]) -> str | None:
             f"VNNI int8 dot-product instructions{'' if cpu['vnni'] else ' (int8 products take extra widening steps)'}"
             f", and in a network this small the QuantizeLinear/DequantizeLinear conversions around every layer and "
             f"around the ops without int8 kernels (pooling, the global max, the output layer) cost about as much "
-            f"as the convolutions save. int8 buys the file size here, not speed; on GPUs, TensorRT-style int8/fp16 "
-            f"through ONNX Runtime's CUDA/TensorRT providers is the path to measure (pending: no GPU on this machine).")
+            f"as the convolutions save. int8 buys the file size here, not speed.")
 
 
 def _report(rows: list[dict[str, Any]], out: Path, teacher_acc: float | None) -> dict[str, Any]:
