@@ -28,7 +28,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "serve": ("trainforge.serve", "serve a model over HTTP with dynamic batching (FastAPI + uvicorn)"),
     "compress": ("trainforge.compress.command", "prune, distill and quantize a run's model, with a speed/size report"),
     "tune": ("trainforge.tune.command", "search hyperparameters with Optuna on a validation split (resumable)"),
-    "report": ("trainforge.report", "write one self-contained HTML report of one run or a comparison of runs"),
+    "report": ("trainforge.report.command", "write one self-contained HTML report of one run or a comparison of runs"),
     "hw": ("trainforge.hw", "show this machine's devices and measure their ceilings"),
     "bench": ("trainforge.bench.command", "measure a model's training/inference speed and MFU per device"),
 }
