@@ -1,6 +1,6 @@
 """Does `trainforge hw --measure` report a matmul ceiling a plain torch.matmul timing loop agrees with?
 
-Each round times `hw.measure_matmul` (best of a few blocks) and, right after it, the loop anyone would write
+Each round times `probe.measure_matmul` (best of a few blocks) and, right after it, the loop anyone would write
 (warm-up, then N matmuls between two perf_counter calls), on the same device, dtype and size, and prints their
 ratio. The acceptance criterion is a ratio within 1 +- 0.3. Rounds are back to back so that a shared machine's load
 affects both sides alike.
@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from trainforge.bench import hw
+from trainforge.hardware import probe
 from trainforge.train.device import synchronize
 
 
@@ -44,12 +44,12 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=10)
     args = parser.parse_args()
     device = torch.device(args.device)
-    n = hw.MATMUL_SIZE[device.type]
+    n = probe.MATMUL_SIZE[device.type]
     print(f"device {device}, {n}x{n} matmuls, torch {torch.__version__}, {torch.get_num_threads()} threads")
     for dtype in args.dtype:
         ratios = []
         for r in range(args.rounds):
-            ceiling = hw.measure_matmul(device, dtype)
+            ceiling = probe.measure_matmul(device, dtype)
             plain = plain_loop(device, dtype, n, args.iterations)
             ratios.append(ceiling / plain)
             print(f"  {dtype} round {r + 1}: ceiling {ceiling / 1e9:8.1f} GFLOP/s, plain loop {plain / 1e9:8.1f} "

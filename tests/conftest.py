@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import ModuleType
 
+import httpx
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -77,3 +80,26 @@ def load_benchmark(name: str) -> ModuleType:
     sys.modules[name] = module  # before running it: dataclasses look their module up
     spec.loader.exec_module(module)
     return module
+
+
+def start_server(source: Path, *args: str) -> tuple[subprocess.Popen, str]:
+    """`trainforge serve SOURCE ARGS` on a free port of 127.0.0.1, once its /health answers."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen([sys.executable, "-m", "trainforge", "serve", str(source), "--port", str(port), "--quiet",
+                             *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited early: {proc.stderr.read()}")
+        try:
+            httpx.get(base + "/health", timeout=1.0)
+            return proc, base
+        except httpx.TransportError:
+            if time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail("server did not start")
+            time.sleep(0.2)

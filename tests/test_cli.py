@@ -110,8 +110,8 @@ def test_predict_names_unreadable_images(trained_run, tmp_path):
 def test_help_explains_every_verb():
     result = run_cli("--help")
     assert result.returncode == 0
-    for verb in ("train", "eval", "predict", "models"):
-        assert verb in result.stdout
+    for verb, (_, help_text) in cli.VERBS.items():
+        assert verb in result.stdout and help_text[:30] in " ".join(result.stdout.split()), verb
     train_help = run_cli("train", "--help").stdout
     assert "--recipe" in train_help and "--target-acc" in train_help and "Examples" in train_help
 
@@ -143,3 +143,55 @@ def test_datasets_reports_where_each_set_is_read_from(tmp_path):
     explicit = run_cli("datasets", "--json", "--no-verify", "--data-dir", str(tmp_path / "none"))
     rows = last_json(explicit.stdout)["datasets"]
     assert [row["available"] for row in rows] == [False, False] and str(tmp_path / "none") in rows[0]["problem"]
+
+
+def _verb_invocations(tmp_path, trained_run, small_cnn_run, image) -> dict:
+    """One real, quick command line per verb (without the verb), each meant to exit 0 with a JSON result."""
+    return {
+        "train": ["--model", "linear", "--subset", "500", "--epochs", "1", "--out", str(tmp_path / "t"),
+                  "--no-tensorboard"],
+        "eval": [str(trained_run)],
+        "predict": [str(trained_run), str(image)],
+        "models": [],
+        "datasets": [],
+        "finetune": ["--from", str(small_cnn_run), "--data", "mnist", "--subset", "200", "--epochs", "1",
+                     "--strategy", "linear-probe", "--out", str(tmp_path / "f"), "--no-tensorboard"],
+        "export": [str(small_cnn_run), "--out", str(tmp_path / "m.onnx"), "--check-images", "50"],
+        "compress": [str(small_cnn_run), "--quantize", "int8", "--out", str(tmp_path / "c"), "--test-images", "100",
+                     "--latency-calls", "2", "--repeats", "1", "--runtimes", "onnxruntime",
+                     "--calibration-images", "16"],
+        "tune": ["--trials", "1", "--model", "linear", "--subset", "500", "--max-epochs", "1",
+                 "--out", str(tmp_path / "tune")],
+        "report": [str(trained_run), "--out", str(tmp_path / "r.html")],
+        "hw": [],
+        "bench": ["--model", "linear", "--device", "cpu", "--steps", "2", "--warmup", "0"],
+    }
+
+
+def test_every_verb_has_help_and_runs(tmp_path, trained_run, small_cnn_run, mnist, capsys, monkeypatch):
+    """Every verb of cli.VERBS, whoever added it: its --help, and one real invocation (serve: a live server)."""
+    from conftest import start_server
+
+    image = tmp_path / "seven.png"
+    write_png(mnist.test.images[0], str(image))
+    invocations = _verb_invocations(tmp_path, trained_run, small_cnn_run, image)
+    monkeypatch.setenv("TRAINFORGE_CACHE", str(tmp_path / "cache"))  # bench measures this machine into it
+    for verb in cli.VERBS:
+        with pytest.raises(SystemExit) as exited:
+            cli.main([verb, "--help"])
+        assert exited.value.code == 0 and f"usage: trainforge {verb}" in capsys.readouterr().out, verb
+        if verb == "serve":
+            proc, base = start_server(small_cnn_run)
+            try:
+                import httpx
+
+                assert httpx.get(base + "/health", timeout=10).status_code == 200
+            finally:
+                proc.terminate()
+                proc.communicate(timeout=60)
+            continue
+        assert verb in invocations, f"add a real invocation of `trainforge {verb}` to _verb_invocations"
+        status = cli.main([verb, *invocations[verb], "--json"])
+        out, err = capsys.readouterr()
+        assert status == 0, (verb, err[-2000:])
+        assert last_json(out) is not None, verb

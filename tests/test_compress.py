@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 import torch
+import torch_pruning  # noqa: F401  (a hard dependency: a broken install fails here, not as skipped tests)
 
 from conftest import run_cli
-
-ort = pytest.importorskip("onnxruntime")
-pytest.importorskip("torch_pruning")
 
 QUICK = ["--test-images", "500", "--latency-calls", "10", "--repeats", "1", "--runtimes", "eager,onnxruntime"]
 KEYS = {"name", "test_acc", "params", "size_bytes", "latency_ms_p50", "latency_ms_p99", "throughput"}
@@ -20,7 +19,7 @@ KEYS = {"name", "test_acc", "params", "size_bytes", "latency_ms_p50", "latency_m
 def quick_options(**kwargs):
     from trainforge.compress import Options
 
-    return Options(test_images=500, latency_calls=10, repeats=1, runtimes=("eager", "onnxruntime"),
+    return Options(test_images=500, latency_calls=10, repeats=1, runtimes="eager,onnxruntime",
                    progress=False, **kwargs)
 
 
@@ -60,14 +59,17 @@ def test_int8_cli_report(small_cnn_run, tmp_path):
 
 def test_channel_and_magnitude_pruning(small_cnn_run, tmp_path):
     from trainforge.compress import compress_run
-    from trainforge.deploy.export import load_program
+    from trainforge.deploy.formats import load_program
 
     report = compress_run(small_cnn_run, tmp_path, quick_options(prune=0.5, prune_kind="both", subset=1000))
     base, channel, magnitude = report["variants"]
     assert (channel["name"], magnitude["name"]) == ("pruned-channel", "pruned-magnitude")
     # Half the channels of each hidden layer: the convolutions keep about a quarter of their weights.
     assert channel["params"] < 0.5 * base["params"] and channel["size_bytes"] < 0.5 * base["size_bytes"]
-    assert channel["test_acc"] > 0.2 and magnitude["test_acc"] > 0.2  # recovered well above chance (0.1)
+    # The recovery fine-tune gains over the pruned network as it came out of pruning (0.18 -> 0.29 at seed 0), and
+    # magnitude pruning with its mask held keeps the accuracy of the network it pruned (0.28).
+    assert channel["test_acc"] > _accuracy_right_after_pruning(small_cnn_run, 0.5) + 0.05, channel
+    assert magnitude["test_acc"] > channel["test_acc"] - 0.05, magnitude
     sparsity = magnitude["sparsity"]
     assert abs(sparsity["sparsity"] - 0.5) < 0.01 and set(sparsity["layers"]) == {"net.0.0", "net.2.0", "net.4.0",
                                                                                   "net.7"}
@@ -80,6 +82,19 @@ def test_channel_and_magnitude_pruning(small_cnn_run, tmp_path):
     assert zeros > 0.45
     module, info = load_program(tmp_path / "pruned-channel.pt2")
     assert module(torch.zeros(4, 1, 28, 28, dtype=torch.uint8)).shape == (4, 10) and info.model == "cnn"
+
+
+def _accuracy_right_after_pruning(run_dir, ratio: float) -> float:
+    """Test accuracy (first 500 images, as quick_options measures) of the channel-pruned model, not fine-tuned."""
+    import trainforge
+    from trainforge.compress import measure
+    from trainforge.compress.prune import prune_channels
+    from trainforge.deploy.formats import torch_predictor
+    from trainforge.runs import load_run_data
+
+    test = load_run_data(run_dir).test
+    pruned = prune_channels(trainforge.load(run_dir), ratio, test.images[:2]).eval()
+    return measure.accuracy(torch_predictor(pruned), test.images[:500].numpy(), test.labels[:500].numpy())
 
 
 def test_distillation_keeps_a_loadable_run_and_bf16(small_cnn_run, trained_run, tmp_path):
@@ -113,11 +128,11 @@ def test_distillation_loss_matches_teacher_at_zero():
 
 def test_compress_errors(small_cnn_run, tmp_path):
     from trainforge.compress import Options, compress_run
-    from trainforge.errors import DeployError
+    from trainforge.errors import ConfigError
 
     result = run_cli("compress", str(small_cnn_run), "--out", str(tmp_path / "x"))
     assert result.returncode == 2 and "nothing to do" in result.stderr
-    with pytest.raises(DeployError, match="--prune"):
+    with pytest.raises(ConfigError, match="--prune"):
         compress_run(small_cnn_run, tmp_path, quick_options(prune=1.5))
-    with pytest.raises(DeployError, match="--runtimes"):
-        compress_run(small_cnn_run, tmp_path, Options(quantize="int8", runtimes=("tensorrt",)))
+    with pytest.raises(ConfigError, match="--runtimes"):
+        compress_run(small_cnn_run, tmp_path, Options(quantize="int8", runtimes="tensorrt"))

@@ -705,7 +705,8 @@ def test_training_on_an_image_folder_resident_or_streamed(tmp_path, loader):
     result = trainforge.train({"data": str(folder), "model": "linear", "epochs": 3, "batch_size": 9,
                                "loader": loader, "workers": 0, "augment": "translate", "val_fraction": 0.25,
                                "out": str(tmp_path / loader), "tensorboard": False}, progress=False)
-    assert result.steps == 3 * 3 and 0.0 <= result.test_acc <= 1.0
+    # Digits 0, 1 and 2 are easy: 9 steps reach all 9 held-out images at seed 0; chance is a third.
+    assert result.steps == 3 * 3 and result.test_acc >= 0.75, result
     model = trainforge.load(tmp_path / loader)
     assert model.classes == ["class0", "class1", "class2"]
 

@@ -1,5 +1,5 @@
 """Multi-process training on gloo: N processes follow one process's trajectory, only rank 0 writes, a checkpoint
-resumes on any number of processes and under either strategy, and a dead process ends the job with an error."""
+resumes on any number of processes and under either parallel mode (ddp, fsdp), and a dead process ends the job with an error."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from conftest import REPO, run_cli
 
 import trainforge
 from trainforge import cli, runs
+from trainforge import config as cfg
 from trainforge.errors import ConfigError
 from trainforge.train import command, distributed
 
@@ -35,6 +36,7 @@ SMALL_FLAGS = ["--model", "linear", "--subset", "451", "--batch-size", "200", "-
 WRITE_LOGGER = """
 import os, sys
 from trainforge import cli, runs
+from trainforge import config as cfg
 from trainforge.errors import ConfigError
 
 log = open(sys.argv[1], "a")
@@ -93,7 +95,7 @@ def test_two_processes_follow_one_and_checkpoints_move_between_world_sizes_and_s
 
     # The one-process checkpoint after epoch 1, resumed on two processes sharded with FSDP, via --nproc.
     try:
-        done = run_cli("train", "--nproc", "2", "--resume", str(one_epoch), "--epochs", "3", "--strategy", "fsdp",
+        done = run_cli("train", "--nproc", "2", "--resume", str(one_epoch), "--epochs", "3", "--parallel", "fsdp",
                        "--json", timeout=240)
         _, torchrun_err = torchrun.communicate(timeout=240)
     finally:
@@ -232,11 +234,11 @@ def test_nproc_mistakes_are_one_line_errors(capsys):
 def test_workers_get_the_command_line_without_nproc():
     parser = cli.build_parser()
     args = parser.parse_args(["train", "--nproc", "2", "--lr", "0.3", "--betas", "0.8", "0.9", "--no-tensorboard",
-                              "--strategy", "fsdp", "--json"])
+                              "--parallel", "fsdp", "--json"])
     argv = command.worker_argv(args)
     assert "--nproc" not in argv
     again = parser.parse_args(argv)
-    assert command.typed_options(again) == command.typed_options(args)
+    assert cfg.typed_options(again, cfg.TrainConfig) == cfg.typed_options(args, cfg.TrainConfig)
     assert again.json and again.nproc is None
 
 

@@ -15,7 +15,7 @@ from trainforge import runs
 from trainforge.data import DataBundle, ImageSet, load_data
 from trainforge.errors import CheckpointError, ConfigError, ModelError
 from trainforge.finetune import finetune, sources, strategies
-from trainforge.models import Classifier, Preprocess, create_model, model_entry
+from trainforge.models import Classifier, Preprocess, count_params, create_model, model_entry
 from trainforge.models.pretrained import EfficientNetLite0
 
 from conftest import run_cli
@@ -102,10 +102,10 @@ def test_lora_trains_only_adapters_and_head():
     # conv k x k (cin -> cout): A is r x cin x k x k, B is cout x r; the head Linear(64, 10) trains whole.
     convs = [(1, 32), (32, 64), (64, 64)]
     expected = sum(rank * (cin * 9 + cout) for cin, cout in convs) + 64 * 10 + 10
-    assert strategies.count_params(wrapped, trainable_only=True) == expected
+    assert count_params(wrapped, trainable_only=True) == expected
     narrowed = strategies.apply_lora(create_model("cnn", num_classes=10, width=32), "7", rank, 8, 0.0,
                                      targets=r"4\.0")
-    assert strategies.count_params(narrowed, trainable_only=True) == rank * (64 * 9 + 64) + 650  # the third conv only
+    assert count_params(narrowed, trainable_only=True) == rank * (64 * 9 + 64) + 650  # the third conv only
     with pytest.raises(ConfigError, match="matches no"):
         strategies.apply_lora(create_model("cnn", num_classes=10), "7", rank, 8, 0.0, targets="nothing")
 
@@ -116,7 +116,7 @@ def test_lora_on_lite0_is_small_and_merges_exactly(lite0):
     net = copy.deepcopy(lite0)
     strategies.replace_head(net, "_fc", 10)
     wrapped = strategies.apply_lora(net, "_fc", rank=8, alpha=16, dropout=0.0, targets=None)
-    trainable, total = strategies.count_params(wrapped, True), strategies.count_params(wrapped)
+    trainable, total = count_params(wrapped, True), count_params(wrapped)
     assert trainable < 0.10 * total
     torch.manual_seed(0)
     for name, p in wrapped.named_parameters():
@@ -248,7 +248,13 @@ def test_cli_finetune_then_eval_and_predict(mnist_cnn, fashion, tmp_path, capsys
     image = next((folder / "val").glob("*/*.png"))
     predicted = run_cli("predict", str(out), str(image), "--json")
     assert predicted.returncode == 0, predicted.stderr
-    assert json.loads(predicted.stdout.strip().splitlines()[-1])[0]["label"] in trainforge.load(out).classes
+    # The CLI's answer is the saved model's own: the merged LoRA weights were the ones written.
+    from trainforge.predict import read_image
+
+    model = trainforge.load(out)
+    with torch.inference_mode():
+        expected = model.classes[int(model(read_image(image, model.info.in_channels)[None]).argmax())]
+    assert json.loads(predicted.stdout.strip().splitlines()[-1])[0]["label"] == expected
     capsys.readouterr()
     assert main(["finetune", "--from", "no_such_model", "--data", str(folder)]) == 2
     assert capsys.readouterr().err.strip().startswith("trainforge finetune: error: --from no_such_model")

@@ -31,7 +31,8 @@ from trainforge import cli, runs
 from trainforge import config as cfg
 from trainforge.data import load_data, sources
 from trainforge.errors import CheckpointError, ConfigError, TrainingError
-from trainforge.train.loop import _check_state
+from trainforge.train import Hooks
+from trainforge.train.checkpoint import check_state
 
 from conftest import REPO
 
@@ -227,8 +228,8 @@ def kill_when(process: ForkedRun, trigger: Trigger, timeout: float = 180) -> boo
 
 def checkpoint_step(run: Path) -> int:
     state = runs.safe_torch_load(run / runs.STATE_FILE)
-    _check_state(state, run / runs.STATE_FILE)
-    return state["position"]["global_step"]
+    check_state(state, run / runs.STATE_FILE)
+    return state["state"]["step"]
 
 
 @pytest.fixture()
@@ -304,8 +305,8 @@ def test_checkpoint_minutes_checkpoints_by_time(tmp_path, small):
 
     # A period far shorter than any optimizer step: every step is due, none by step count.
     with pytest.raises(KeyboardInterrupt):
-        trainforge.train(small_config(tmp_path / "m", checkpoint_minutes=1e-9), data=small, loss_fn=interrupt_at_5,
-                         progress=False)
+        trainforge.train(small_config(tmp_path / "m", checkpoint_minutes=1e-9), data=small,
+                         hooks=Hooks(loss_fn=interrupt_at_5), progress=False)
     assert checkpoint_step(tmp_path / "m") == 4
 
 
@@ -405,16 +406,16 @@ class PoisonGradients:
 
 def test_nonfinite_gradients_with_a_finite_loss_are_caught(tmp_path, small):
     with pytest.raises(TrainingError, match=r"NaN/Inf at step 6; last good checkpoint: .*state.pt \(step 4\)"):
-        trainforge.train(small_config(tmp_path / "g", checkpoint_every=2), data=small, loss_fn=PoisonGradients(5),
-                         progress=False)
+        trainforge.train(small_config(tmp_path / "g", checkpoint_every=2), data=small,
+                         hooks=Hooks(loss_fn=PoisonGradients(5)), progress=False)
     assert checkpoint_step(tmp_path / "g") == 4
     with pytest.raises(TrainingError, match=r"weights hold NaN/Inf at step 4; not overwriting the checkpoint. "
                                             r"last good checkpoint: .*\(step 2\)"):
-        trainforge.train(small_config(tmp_path / "w", checkpoint_every=2), data=small, loss_fn=PoisonGradients(4),
-                         progress=False)
+        trainforge.train(small_config(tmp_path / "w", checkpoint_every=2), data=small,
+                         hooks=Hooks(loss_fn=PoisonGradients(4)), progress=False)
     assert checkpoint_step(tmp_path / "w") == 2
     skipped = trainforge.train(small_config(tmp_path / "s", skip_nonfinite=True), data=small,
-                               loss_fn=PoisonGradients(5), progress=False)
+                               hooks=Hooks(loss_fn=PoisonGradients(5)), progress=False)
     assert skipped.nonfinite_skips == 1 and skipped.steps == 10 and 0.5 < skipped.test_acc <= 1
 
 
@@ -427,8 +428,8 @@ def test_inf_loss_is_caught_like_nan(tmp_path, small):
         return loss * float("inf") if len(calls) == 7 else loss
 
     with pytest.raises(TrainingError, match=r"NaN/Inf at step 7; last good checkpoint: .*\(step 6\)"):
-        trainforge.train(small_config(tmp_path / "i", checkpoint_every=3), data=small, loss_fn=inf_at_7,
-                         progress=False)
+        trainforge.train(small_config(tmp_path / "i", checkpoint_every=3), data=small,
+                         hooks=Hooks(loss_fn=inf_at_7), progress=False)
 
 
 def test_a_diverging_learning_rate_is_one_line_in_the_cli(tmp_path, capsys):
@@ -548,8 +549,10 @@ def test_truncated_and_corrupt_checkpoints_name_the_file(run_copy, capsys):
 @pytest.mark.parametrize("mutate,why", [
     (lambda s: [], "expected a mapping"),
     (lambda s: {k: v for k, v in s.items() if k != "metrics"}, "'metrics' is missing"),
-    (lambda s: {**s, "position": {**s["position"], "epoch": "one"}}, "position 'epoch' is 'one'"),
-    (lambda s: {**s, "position": {**s["position"], "global_step": -5}}, "position 'global_step' is -5"),
+    (lambda s: {**s, "state": {**s["state"], "epoch": "one"}}, "state 'epoch' is 'one'"),
+    (lambda s: {**s, "state": {**s["state"], "step": -5}}, "state 'step' is -5"),
+    (lambda s: {**{k: v for k, v in s.items() if k != "state"}, "position": {"epoch": 1}},
+     "position 'step_in_epoch' is None"),
     (lambda s: {**s, "model": {"weight": [1.0]}}, "'model' must map parameter names to tensors"),
     (lambda s: {**s, "metrics": [{"epoch": 1}]}, "'metrics' must be a list of per-epoch records"),
 ])
@@ -655,7 +658,7 @@ def _fuzz_load(directory: Path, data: bytes, suffix: str) -> None:
             continue
         if loader is runs.safe_torch_load:
             with contextlib.suppress(CheckpointError):
-                _check_state(state, path)
+                check_state(state, path)
 
 
 @FUZZ

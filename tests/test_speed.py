@@ -1,7 +1,6 @@
 """The speed recipes reach their accuracy on real MNIST, and the speed benchmarks run end to end."""
 
 import json
-import statistics
 import subprocess
 import sys
 
@@ -86,7 +85,6 @@ def test_time_to_accuracy_benchmark_runs_end_to_end():
     assert report["peer"]["acc_mean"] > 0.2 and report["speedrun"]["acc_mean"] > 0.8, report
     # The speedrun net needs fewer FLOPs per epoch than the peer and trains on a fraction of one.
     assert report["speedrun"]["train_gflop"] < 0.7 * report["peer"]["train_gflop"]
-    assert report["speedup"] == pytest.approx(report["peer"]["seconds_median"] / report["speedrun"]["seconds_median"])
 
 
 def test_reference_benchmark_runs_end_to_end():
@@ -94,6 +92,4 @@ def test_reference_benchmark_runs_end_to_end():
     assert report["quick"] and report["epochs"] == 1 and report["train_images"] == 2000
     # One epoch of 2,000 images (32 plain steps, 4 of trainforge's): both well above chance (0.10), not yet good.
     assert report["plain"]["test_acc"] > 0.2 and report["trainforge"]["test_acc"] > 0.4, report
-    assert report["speedup"] == pytest.approx(report["plain"]["train_seconds"] / report["trainforge"]["train_seconds"])
     assert len(report["trainforge"]["runs_seconds"]) == 2
-    assert report["trainforge"]["train_seconds"] == pytest.approx(statistics.median(report["trainforge"]["runs_seconds"]))

@@ -9,6 +9,7 @@ from trainforge import config as cfg
 from trainforge import runs
 from trainforge.errors import CheckpointError, ConfigError, TrainingError
 from trainforge.train import recipes
+from trainforge.train import Hooks
 from trainforge.train.loop import cross_entropy, make_scheduler
 
 
@@ -73,9 +74,10 @@ def test_resume_ends_with_the_same_metrics_as_an_uninterrupted_run(tmp_path, int
     extra = {"epochs": 2, "checkpoint_every": 20, "augment": "translate", "seed": 1}
     whole = trainforge.train(small_config(tmp_path / "whole", **extra), progress=False)
     with pytest.raises(KeyboardInterrupt):
-        trainforge.train(small_config(tmp_path / "cut", **extra), loss_fn=InterruptAt(interrupt_at), progress=False)
+        trainforge.train(small_config(tmp_path / "cut", **extra), hooks=Hooks(loss_fn=InterruptAt(interrupt_at)),
+                         progress=False)
     state = runs.safe_torch_load(tmp_path / "cut" / "state.pt")
-    assert 0 < state["position"]["global_step"] < interrupt_at
+    assert 0 < state["state"]["step"] < interrupt_at
     resumed = trainforge.train(resume=tmp_path / "cut", progress=False)
     assert resumed.steps == whole.steps == 100
     assert resumed.test_acc == whole.test_acc
@@ -120,15 +122,16 @@ class NaNFrom:
 
 def test_nonfinite_loss_stops_with_the_step_and_last_checkpoint(tmp_path):
     with pytest.raises(TrainingError, match=r"NaN/Inf at step 25; last good checkpoint: .*state.pt \(step 20\)"):
-        trainforge.train(small_config(tmp_path / "nan", checkpoint_every=20), loss_fn=NaNFrom(25), progress=False)
+        trainforge.train(small_config(tmp_path / "nan", checkpoint_every=20), hooks=Hooks(loss_fn=NaNFrom(25)),
+                         progress=False)
     state = runs.safe_torch_load(tmp_path / "nan" / "state.pt")
-    assert state["position"]["global_step"] == 20
+    assert state["state"]["step"] == 20
     assert all(torch.isfinite(t).all() for t in state["model"].values())
 
 
 def test_skip_nonfinite_counts_the_skipped_steps(tmp_path):
-    result = trainforge.train(small_config(tmp_path / "skip", skip_nonfinite=True), loss_fn=NaNFrom(0, every=10),
-                              progress=False)
+    result = trainforge.train(small_config(tmp_path / "skip", skip_nonfinite=True),
+                              hooks=Hooks(loss_fn=NaNFrom(0, every=10)), progress=False)
     assert result.nonfinite_skips == 5 and result.test_acc > 0.85
 
 

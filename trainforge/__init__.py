@@ -7,12 +7,8 @@
 
 import os
 
-# Before torch loads MKL. PyTorch turns MKL's dynamic threading off whenever torch.set_num_threads is called (so that
-# MKL and PyTorch's own OpenMP regions stop resizing their shared thread pool, pytorch/pytorch#13757), but not by
-# default. Left on, about half of the processes on the 2-core machine here ran a fresh batch's matmul in 2.1 ms
-# instead of 0.58 ms, for the whole life of the process: the reference recipe took 1.1-1.3 s instead of 0.65-0.85 s.
-# Set here, 14 processes of 14 were fast; set after `import torch` it is too late (2 of 8 slow). A user's own value
-# is kept.
+# Before torch loads MKL: with MKL's dynamic threading on, some processes ran every matmul several times slower
+# for their whole life (benchmarks/RESULTS.md, "Reference workload", second session). A user's own value is kept.
 os.environ.setdefault("MKL_DYNAMIC", "FALSE")
 
 from .config import TrainConfig  # noqa: E402

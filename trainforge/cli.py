@@ -25,12 +25,12 @@ VERBS: dict[str, tuple[str, str]] = {
     "models": ("trainforge.models.command", "list the registered models and recipes"),
     "datasets": ("trainforge.datasets", "show which built-in data sets are here, from where, and whether they verify"),
     "finetune": ("trainforge.finetune.command", "fine-tune a pretrained model (full, linear probe, LoRA, gradual; --update)"),
-    "export": ("trainforge.deploy.export", "export a run's model to ONNX or a torch.export program, parity-checked"),
-    "serve": ("trainforge.deploy.serve", "serve a model over HTTP with dynamic batching (FastAPI + uvicorn)"),
+    "export": ("trainforge.export", "export a run's model to ONNX or a torch.export program, parity-checked"),
+    "serve": ("trainforge.serve", "serve a model over HTTP with dynamic batching (FastAPI + uvicorn)"),
     "compress": ("trainforge.compress.command", "prune, distill and quantize a run's model, with a speed/size report"),
     "tune": ("trainforge.tune.command", "search hyperparameters with Optuna on a validation split (resumable)"),
-    "report": ("trainforge.report", "write one self-contained HTML report of one run or a comparison of runs"),
-    "hw": ("trainforge.bench.hw", "show this machine's devices and measure their ceilings"),
+    "report": ("trainforge.report.command", "write one self-contained HTML report of one run or a comparison of runs"),
+    "hw": ("trainforge.hw", "show this machine's devices and measure their ceilings"),
     "bench": ("trainforge.bench.command", "measure a model's training/inference speed and MFU per device"),
 }
 
@@ -87,10 +87,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run_noting_interrupts(run: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> Any:
     """`run(args)`, with any error raised after a Ctrl-C (SIGINT) turned into the KeyboardInterrupt it follows.
 
-    Code that does not expect a KeyboardInterrupt can fail in its own way while unwinding from one: Optuna's trial
-    bookkeeping raised UnboundLocalError when the interrupt landed while it stored a result, and the CLI printed a
-    traceback and exited 1 instead of reporting an interrupted study (130). A SIGINT handler installed by the verb
-    itself (uvicorn's, while serving) takes precedence while it is installed.
+    Code that does not expect a KeyboardInterrupt can fail in its own way while unwinding from one (a library's
+    bookkeeping half done), and the user pressed Ctrl-C, so the exit says "interrupted" (130), not that error. A
+    SIGINT handler installed by the verb itself (uvicorn's, while serving) takes precedence while it is installed.
     """
     interrupts: list[int] = []
 

@@ -18,7 +18,7 @@ from typing import Any, TypeVar, Union, get_args, get_origin
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, deprecated
 
 T = TypeVar("T")
 
@@ -40,6 +40,9 @@ def option(default: Any, help: str, *, choices: tuple | None = None, low: float 
 @dataclasses.dataclass
 class TrainConfig:
     """Everything that defines a training run. Fields left at None are filled from the recipe."""
+
+    # Old field name -> new one: old config files and flags still load, with a deprecation line.
+    RENAMED: typing.ClassVar[dict[str, str]] = {"strategy": "parallel"}
 
     recipe: str | None = option(None, "named bundle of model, optimizer, schedule, batch size and epochs "
                                       "(default: the model's own recipe, or 'reference')")
@@ -72,7 +75,7 @@ class TrainConfig:
     precision: str = option("auto", "auto (bf16 on GPUs that support it, else fp32), 32, bf16 or fp16",
                             choices=("auto", "32", "bf16", "fp16"))
     compile: bool = option(False, "compile the model with torch.compile")
-    strategy: str = option("ddp", "how several processes share the model: ddp (a full replica in each) or fsdp "
+    parallel: str = option("ddp", "how several processes share the model: ddp (a full replica in each) or fsdp "
                                   "(parameters, gradients and optimizer state sharded across them, for models "
                                   "that do not fit one device)", choices=("ddp", "fsdp"))
     seed: int = option(0, "random seed of initialisation, shuffling and augmentation", low=0, high=2 ** 32 - 1)
@@ -160,12 +163,27 @@ def from_dict(cls: type[T], values: typing.Mapping[str, Any], source: str = "con
     """Builds a config from a mapping, rejecting unknown keys and values of the wrong type or range."""
     if not isinstance(values, typing.Mapping):
         raise ConfigError(f"{source}: expected a mapping of field names to values, got {type(values).__name__}")
+    values = _renamed(cls, values, source)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(str(k)[:80] for k in values if k not in known)
     if unknown:
         shown = ", ".join(unknown[:10]) + (f" (+{len(unknown) - 10} more)" if len(unknown) > 10 else "")
         raise ConfigError(f"{source}: unknown field(s) {shown}; known fields: {', '.join(sorted(known))}")
     return cls(**{k: _coerce(cls, k, v, source) for k, v in values.items()})
+
+
+def _renamed(cls: type, values: typing.Mapping[str, Any], source: str) -> typing.Mapping[str, Any]:
+    """`values` with the fields `cls.RENAMED` names under their new names."""
+    renamed = getattr(cls, "RENAMED", {})
+    if not any(old in values for old in renamed):
+        return values
+    out = dict(values)
+    for old, new in renamed.items():
+        if old in out:
+            deprecated(f"{source}: field '{old}' is now '{new}'")
+            value = out.pop(old)
+            out.setdefault(new, value)
+    return out
 
 
 def validate(config: Any, source: str = "config") -> None:
@@ -230,6 +248,30 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str
                 kwargs["choices"] = meta["choices"]
             kwargs["metavar"] = {int: "N", float: "X"}.get(base, "VALUE") if not meta.get("choices") else None
         parser.add_argument(flag, **kwargs)
+    for old, new in getattr(cls, "RENAMED", {}).items():
+        if new not in skip:
+            parser.add_argument("--" + old.replace("_", "-"), dest=new, default=argparse.SUPPRESS,
+                                help=argparse.SUPPRESS, action=_RenamedFlag, new_flag="--" + new.replace("_", "-"),
+                                choices=next(f for f in dataclasses.fields(cls) if f.name == new).metadata["choices"])
+
+
+class _RenamedFlag(argparse.Action):
+    """An old flag that still works, with one deprecation line."""
+
+    def __init__(self, *args: Any, new_flag: str, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.new_flag = new_flag
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        deprecated(f"{option_string} is now {self.new_flag}")
+        setattr(namespace, self.dest, values)
+
+
+def typed_options(args: argparse.Namespace, cls: type) -> dict[str, Any]:
+    """The fields of `cls` the user typed on the command line (flags from `add_arguments` default to SUPPRESS)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in vars(args).items() if k in names}
 
 
 def _number_arg(name: str, kind: type) -> typing.Callable[[str], Any]:
@@ -252,4 +294,4 @@ def merge(cls: type[T], *layers: typing.Mapping[str, Any], source: str = "config
 
 
 __all__ = ["TrainConfig", "from_dict", "load_file", "dumps", "to_dict", "to_json", "add_arguments", "merge",
-           "validate", "option"]
+           "typed_options", "validate", "option"]

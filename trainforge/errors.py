@@ -29,3 +29,15 @@ class TrainingError(TrainforgeError):
 
 class DeployError(TrainforgeError):
     """A model cannot be compressed, exported or served as asked (or an exported copy disagrees with it)."""
+
+
+_announced: set[str] = set()
+
+
+def deprecated(message: str) -> None:
+    """Prints one line on stderr about an old name or format that still works, once per process and message."""
+    import sys
+
+    if message not in _announced:
+        _announced.add(message)
+        print(f"trainforge: deprecated: {message}", file=sys.stderr)

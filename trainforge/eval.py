@@ -1,7 +1,9 @@
-"""Evaluate a run's model on the test set of its data (or of another data set with the same classes).
+"""Evaluate a run's model on the test set of its data (or of another data set with the same classes), or with
+--split val on the part of the training images a --holdout run held out.
 
-Example:
+Examples:
   trainforge eval runs/x --json
+  trainforge eval runs/tuned --split val     # the validation accuracy a --holdout run (e.g. from tune) reported
 """
 
 from __future__ import annotations
@@ -14,12 +16,14 @@ from typing import Any
 
 from . import config as cfg
 from . import runs
-from .errors import DataError
+from .errors import ConfigError, DataError
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", metavar="RUN_DIR", help="directory of a finished run")
     parser.add_argument("--data", help="data set to evaluate on (default: the run's own)")
+    parser.add_argument("--split", default="test", choices=("test", "val"),
+                        help="the data set's test split, or the held-out part of a --holdout run (default: test)")
     parser.add_argument("--data-dir", help="root of the built-in data sets")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     parser.add_argument("--precision", default="auto", choices=("auto", "32", "bf16", "fp16"),
@@ -28,47 +32,64 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def evaluate_run(run_dir: str | Path, data: str | None = None, data_dir: str | None = None, device: str = "auto",
-                 precision: str = "auto", batch_size: int = 2000) -> dict[str, Any]:
-    """Test accuracy and loss of a run's model, with the run's training facts alongside."""
+                 precision: str = "auto", batch_size: int = 2000, split: str = "test") -> dict[str, Any]:
+    """Accuracy and loss of a run's model on `split` ("test" or "val"), with the run's training facts alongside."""
     import torch
 
-    from .data import load_data
     from .train.device import resolve_device, resolve_precision, synchronize
     from .train.loop import evaluate
 
     if batch_size < 1:
-        raise DataError(f"--batch-size must be >= 1, got {batch_size}")
+        raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
     run_dir = Path(run_dir)
     model = runs.load(run_dir)
-    saved = cfg.load_file(cfg.TrainConfig, run_dir / runs.CONFIG_FILE)
-    bundle = load_data(data or saved.data, data_dir or saved.data_dir, seed=saved.seed, image_size=saved.image_size,
-                       val_fraction=saved.val_fraction)
-    if len(bundle.classes) > len(model.classes):
-        raise DataError(f"{bundle.name} has {len(bundle.classes)} classes but the model of {run_dir} predicts "
+    name, classes, images = _split(run_dir, data, data_dir, split)
+    if len(classes) > len(model.classes):
+        raise DataError(f"{name} has {len(classes)} classes but the model of {run_dir} predicts "
                         f"{len(model.classes)}")
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
     model.to(dev)
-    labels = bundle.test.labels
+    labels = images.labels
     # A model over several data sets' classes (`finetune --update`) lists each set's classes among its own.
-    if set(bundle.classes) <= set(model.classes) and bundle.classes != model.classes[:len(bundle.classes)]:
-        labels = torch.tensor([model.classes.index(c) for c in bundle.classes])[labels]
-    images, labels = bundle.test.images.to(dev), labels.to(dev)
+    if set(classes) <= set(model.classes) and classes != model.classes[:len(classes)]:
+        labels = torch.tensor([model.classes.index(c) for c in classes])[labels]
     start = time.perf_counter()
-    acc, loss = evaluate(model, images, labels, batch_size, dev, prec)
+    acc, loss = evaluate(model, images.images.to(dev), labels.to(dev), batch_size, dev, prec)
     synchronize(dev)
     seconds = time.perf_counter() - start
     summary_path = run_dir / runs.SUMMARY_FILE
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    return {"test_acc": acc, "test_loss": loss, "test_samples": len(labels), "data": bundle.name,
+    return {"test_acc": acc, "test_loss": loss, "test_samples": len(labels), "split": split, "data": name,
             "eval_seconds": seconds, "samples_per_second": len(labels) / seconds if seconds > 0 else 0.0,
             "train_seconds": summary.get("train_seconds"), "epochs": summary.get("epochs"),
             "device": str(dev), "precision": prec, "world_size": 1, "run_dir": str(run_dir)}
 
 
+def _split(run_dir: Path, data: str | None, data_dir: str | None, split: str) -> tuple[str, list[str], Any]:
+    """(data set name, its classes, the ImageSet of `split`)."""
+    from .data import load_data
+
+    if data is None:
+        run_data = runs.load_run_data(run_dir, data_dir)
+        if split == "val" and run_data.val is None:
+            raise ConfigError(f"--split val: {run_dir} was trained without --holdout, so it held no validation "
+                              f"images out; evaluate it on --split test")
+        images = run_data.val if split == "val" else run_data.test
+        return run_data.dataset.name, run_data.dataset.classes, images
+    if split == "val":
+        raise ConfigError("--split val is the held-out part of the run's own data; it does not combine with --data")
+    saved = cfg.load_file(cfg.TrainConfig, run_dir / runs.CONFIG_FILE)
+    bundle = load_data(data, data_dir or saved.data_dir, seed=saved.seed, image_size=saved.image_size,
+                       val_fraction=saved.val_fraction)
+    return bundle.name, bundle.classes, bundle.test
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    result = evaluate_run(args.run_dir, args.data, args.data_dir, args.device, args.precision, args.batch_size)
+    result = evaluate_run(args.run_dir, args.data, args.data_dir, args.device, args.precision, args.batch_size,
+                          args.split)
     if not (args.json or args.quiet):
-        print(f"{result['data']} test accuracy {result['test_acc']:.4f}, loss {result['test_loss']:.4f} "
+        split = "validation" if args.split == "val" else "test"
+        print(f"{result['data']} {split} accuracy {result['test_acc']:.4f}, loss {result['test_loss']:.4f} "
               f"({result['test_samples']} images, {result['samples_per_second']:,.0f} images/s on {result['device']})")
     return result

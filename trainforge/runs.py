@@ -409,3 +409,45 @@ def load(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> nn.M
     model.classes = list(info.classes)
     model.info = info
     return model.to(device).eval()
+
+
+@dataclasses.dataclass
+class RunData:
+    """A run's data as the run defined it, read back from its config.yaml."""
+
+    config: Any  # the run's TrainConfig
+    dataset: Any  # DataBundle: the whole data set (every training image, the test split)
+    train: Any  # ImageSet: what the run trained on (its --subset, without its --holdout part)
+    val: Any  # ImageSet of the --holdout part, or None for a run evaluated on the test split
+    test: Any  # ImageSet: the data set's test split
+
+    @property
+    def evaluation(self) -> Any:
+        """The split the run reported its accuracy on: the held-out part with --holdout, else the test split."""
+        return self.val if self.val is not None else self.test
+
+
+def load_run_data(run_dir: str | os.PathLike, data_dir: str | None = None) -> RunData:
+    """The data of a run: its data set (from `data_dir`, else the run's own root) split as the run split it."""
+    from . import config as cfg
+    from .data import ImageSet, balanced_subset, load_data
+    from .data.loaders import holdout_split
+    from .data.sources import BUILTIN_DATASETS
+
+    config = cfg.load_file(cfg.TrainConfig, Path(run_dir) / CONFIG_FILE)
+    root = data_dir or config.data_dir
+    common = dict(seed=config.seed, image_size=config.image_size, val_fraction=config.val_fraction)
+    dataset = load_data(config.data, root, **common)
+    trained = dataset
+    if config.data in BUILTIN_DATASETS and config.subset is not None:
+        idx = balanced_subset(dataset.train.labels, config.subset, config.seed)  # as load_data subsets
+        trained = dataclasses.replace(dataset, train=ImageSet(dataset.train.images[idx], dataset.train.labels[idx],
+                                                              dataset.classes))
+    elif config.data not in BUILTIN_DATASETS and (config.subset is not None or config.loader != "auto"):
+        # A folder's subset is chosen among its files before decoding, as training chose it.
+        trained = load_data(config.data, root, subset=config.subset, loader=config.loader, **common)
+    val = None
+    if config.holdout:
+        split = holdout_split(trained, config.val_fraction, config.seed)
+        trained, val = split, split.test
+    return RunData(config, dataset, trained.train, val, dataset.test)

@@ -31,9 +31,10 @@ import torch
 
 from .. import config as cfg
 from ..errors import ConfigError
+from ..hardware import ceilings, probe
+from ..hardware.flops import count_flops
 from ..train.device import synchronize
-from . import cache, hw
-from .flops import count_flops
+from ..train.progress import Bar
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -84,8 +85,47 @@ def bench(model: str, data: str = "mnist", *, data_dir: str | None = None, width
     from ..data import load_data
     from ..models import build_classifier
     from ..train import recipes
-    from ..train.device import resolve_device, resolve_precision
 
+    _check_counts(steps, warmup, width, image_size, batch_sizes or [])
+    config = recipes.resolve(cfg.TrainConfig(model=model, data=data, width=width))
+    batch_sizes = list(dict.fromkeys(batch_sizes or [config.batch_size]))
+    combos, skipped = _combinations(devices, precisions, batch_sizes)
+    bundle = load_data(data, data_dir, seed=0)
+    if max(batch_sizes) > len(bundle.train.labels):
+        raise ConfigError(f"--batch-size {max(batch_sizes)} is larger than the {len(bundle.train.labels)} "
+                          f"training images of {bundle.name}")
+    side = image_size or bundle.image_size
+    net = build_classifier(model, len(bundle.classes), bundle.in_channels, side, bundle.mean, bundle.std, width=width)
+    flops = count_flops(net, bundle.train.images[:1])
+    record = _ceilings({d for d, _, _ in combos}, progress)
+    rows = []
+    bar = Bar(progress, "bench", len(combos), fields=("what",))
+    try:
+        for device, precision, batch_size in combos:
+            bar.update(what=f"{ceilings.device_key(device)} {precision} batch {batch_size}")
+            torch.manual_seed(0)
+            net = build_classifier(model, len(bundle.classes), bundle.in_channels, side, bundle.mean, bundle.std,
+                                   width=width)
+            row = measure(net, config, bundle.train.images, bundle.train.labels, device, precision, batch_size,
+                          compile=compile, steps=steps, warmup=warmup)
+            ceiling = ceilings.lookup_ceiling(device, precision, record)
+            row.update(ceiling_dtype=ceilings.matmul_dtype(device, precision), ceiling_flops_per_second=ceiling,
+                       train_flops_per_second=flops.train * row["train_samples_per_second"],
+                       inference_flops_per_second=flops.forward * row["inference_samples_per_second"])
+            row["train_mfu"] = row["train_flops_per_second"] / ceiling if ceiling else None
+            row["inference_mfu"] = row["inference_flops_per_second"] / ceiling if ceiling else None
+            rows.append(row)
+            bar.advance()
+    finally:
+        bar.close()
+    _add_speedups(rows)
+    return {"model": model, "data": bundle.name, "image_shape": list(bundle.train.images.shape[1:]), "image_size": side,
+            "recipe": config.recipe, "optimizer": config.optimizer, "compile": compile, "steps": steps,
+            "warmup": warmup, "flops_per_sample": {"forward": flops.forward, "train": flops.train},
+            "results": rows, "skipped": skipped, "ceilings_file": str(ceilings.cache_path()), "plot": None}
+
+
+def _check_counts(steps: int, warmup: int, width: int | None, image_size: int | None, batch_sizes: list[int]) -> None:
     if steps < 1:
         raise ConfigError(f"--steps must be >= 1, got {steps}")
     if warmup < 0:
@@ -94,14 +134,19 @@ def bench(model: str, data: str = "mnist", *, data_dir: str | None = None, width
         raise ConfigError(f"--width must be >= 1, got {width}")
     if image_size is not None and image_size < 1:
         raise ConfigError(f"--image-size must be >= 1, got {image_size}")
-    for b in batch_sizes or []:
+    for b in batch_sizes:
         if b < 1:
             raise ConfigError(f"--batch-size must be >= 1, got {b}")
-    config = recipes.resolve(cfg.TrainConfig(model=model, data=data, width=width))
-    batch_sizes = list(dict.fromkeys(batch_sizes or [config.batch_size]))
+
+
+def _combinations(devices: list[str] | None, precisions: list[str] | None, batch_sizes: list[int]
+                  ) -> tuple[list[tuple[torch.device, str, int]], list[dict[str, str]]]:
+    """The (device, precision, batch size) combinations that can run here, and those skipped with the reason."""
+    from ..train.device import resolve_device, resolve_precision
+
     device_list = list(dict.fromkeys(
         d for name in (devices or ["all"])
-        for d in (hw.devices_present() if name == "all" else [resolve_device(name)])))
+        for d in (probe.devices_present() if name == "all" else [resolve_device(name)])))
     combos, skipped = [], []
     for device, name in itertools.product(device_list, dict.fromkeys(precisions or ["auto"])):
         try:
@@ -112,37 +157,7 @@ def bench(model: str, data: str = "mnist", *, data_dir: str | None = None, width
     if not combos:
         raise ConfigError("no combination of --device and --precision can run here: "
                           + "; ".join(s["reason"] for s in skipped))
-    bundle = load_data(data, data_dir, seed=0)
-    if max(batch_sizes) > len(bundle.train.labels):
-        raise ConfigError(f"--batch-size {max(batch_sizes)} is larger than the {len(bundle.train.labels)} "
-                          f"training images of {bundle.name}")
-    side = image_size or bundle.image_size
-    net = build_classifier(model, len(bundle.classes), bundle.in_channels, side, bundle.mean, bundle.std, width=width)
-    flops = count_flops(net, bundle.train.images[:1])
-    record = _ceilings({d for d, _, _ in combos}, progress)
-
-    rows = []
-    with _Progress(progress, len(combos)) as bar:
-        for device, precision, batch_size in combos:
-            bar.describe(f"{cache.device_key(device)} {precision} batch {batch_size}")
-            torch.manual_seed(0)
-            net = build_classifier(model, len(bundle.classes), bundle.in_channels, side, bundle.mean, bundle.std,
-                                   width=width)
-            row = measure(net, config, bundle.train.images, bundle.train.labels, device, precision, batch_size,
-                          compile=compile, steps=steps, warmup=warmup)
-            ceiling = cache.lookup_ceiling(device, precision, record)
-            row.update(ceiling_dtype=cache.matmul_dtype(device, precision), ceiling_flops_per_second=ceiling,
-                       train_flops_per_second=flops.train * row["train_samples_per_second"],
-                       inference_flops_per_second=flops.forward * row["inference_samples_per_second"])
-            row["train_mfu"] = row["train_flops_per_second"] / ceiling if ceiling else None
-            row["inference_mfu"] = row["inference_flops_per_second"] / ceiling if ceiling else None
-            rows.append(row)
-            bar.advance()
-    _add_speedups(rows)
-    return {"model": model, "data": bundle.name, "image_shape": list(bundle.train.images.shape[1:]), "image_size": side,
-            "recipe": config.recipe, "optimizer": config.optimizer, "compile": compile, "steps": steps,
-            "warmup": warmup, "flops_per_sample": {"forward": flops.forward, "train": flops.train},
-            "results": rows, "skipped": skipped, "ceilings_file": str(cache.cache_path()), "plot": None}
+    return combos, skipped
 
 
 def measure(net: torch.nn.Module, config: cfg.TrainConfig, images: torch.Tensor, labels: torch.Tensor,
@@ -150,12 +165,12 @@ def measure(net: torch.nn.Module, config: cfg.TrainConfig, images: torch.Tensor,
             warmup: int = 3) -> dict[str, Any]:
     """Training-step and inference timings of `net` (a Classifier taking uint8 images) on real batches.
 
-    The training step is the one `train()` runs: autocast forward, cross-entropy, backward, the recipe's optimizer
-    (with a gradient scaler for fp16). Batches are drawn on the device the way training draws them.
+    The training step is `train()`'s own (`train.loop.step`) with the recipe's optimizer; batches are drawn on the
+    device the way training draws them.
     """
     from ..data import DeviceLoader
     from ..train.device import autocast, configure_backends
-    from ..train.loop import cross_entropy, make_optimizer
+    from ..train.loop import StepParts, cross_entropy_loss, make_optimizer, step
 
     configure_backends(device)
     net = net.to(device)
@@ -163,23 +178,17 @@ def measure(net: torch.nn.Module, config: cfg.TrainConfig, images: torch.Tensor,
         net = net.to(memory_format=torch.channels_last)
         torch.cuda.reset_peak_memory_stats(device)
     step_model = torch.compile(net) if compile else net
-    optimizer = make_optimizer(config, [{"params": list(net.parameters())}], device)
-    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+    # The trainer's own step and loss; no schedule, as the learning rate does not change a step's cost.
+    parts = StepParts(model=net, step_model=step_model,
+                      optimizer=make_optimizer(config, [{"params": list(net.parameters())}], device), scheduler=None,
+                      scaler=torch.amp.GradScaler(device.type) if precision == "fp16" else None,
+                      criterion=cross_entropy_loss(config.label_smoothing), device=device,
+                      precision=precision)
     loader = DeviceLoader(images, labels, batch_size, device=device, shuffle=True, seed=0, drop_last=True)
     batches = _cycle(loader)
 
     def train_step() -> None:
-        x, y = next(batches)
-        with autocast(device, precision):
-            loss = cross_entropy(step_model(x).float(), y)  # the trainer's loss, so the step is the trainer's
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
+        step(parts, *next(batches))
 
     @torch.inference_mode()
     def infer_step() -> None:
@@ -191,7 +200,7 @@ def measure(net: torch.nn.Module, config: cfg.TrainConfig, images: torch.Tensor,
     train_times = _time_steps(train_step, device, steps, warmup)
     net.eval()
     infer_times = _time_steps(infer_step, device, steps, warmup)
-    return {"device": cache.device_key(device), "precision": precision, "batch_size": batch_size,
+    return {"device": ceilings.device_key(device), "precision": precision, "batch_size": batch_size,
             "compile": compile,
             "train_samples_per_second": batch_size * len(train_times) / sum(train_times),
             "train_step_ms": 1e3 * statistics.median(train_times),
@@ -241,15 +250,15 @@ def _percentile(values: list[float], q: float) -> float:
 
 def _ceilings(devices: set[torch.device], progress: bool) -> dict[str, Any]:
     """The cached ceilings, after measuring (and caching) any device among `devices` that has none yet."""
-    record = cache.read_cache() or {"measured_at": hw.timestamp(), "machine": hw.inspect(), "ceilings": {}}
-    missing = [d for d in devices if cache.device_key(d) not in record["ceilings"]]
+    record = ceilings.read_cache() or {"measured_at": probe.timestamp(), "machine": probe.inspect(), "ceilings": {}}
+    missing = [d for d in devices if ceilings.device_key(d) not in record["ceilings"]]
     for device in missing:
         if progress:
-            print(f"measuring the ceilings of {cache.device_key(device)} (first use; `trainforge hw --measure` "
+            print(f"measuring the ceilings of {ceilings.device_key(device)} (first use; `trainforge hw --measure` "
                   f"re-measures them all)", file=sys.stderr)
-        record["ceilings"][cache.device_key(device)] = hw.measure_device(device)
+        record["ceilings"][ceilings.device_key(device)] = probe.measure_device(device)
     if missing:
-        cache.write_cache(record)
+        ceilings.write_cache(record)
     return record
 
 
@@ -338,32 +347,3 @@ def _check_plot_path(path: Path) -> None:
         raise ConfigError(f"--plot {path}: is a directory; give a file name such as {path / 'bench.png'}")
 
 
-class _Progress:
-    """A rich progress bar over the combinations, on stderr; does nothing when disabled."""
-
-    def __init__(self, enabled: bool, total: int):
-        self.bar = None
-        if enabled:
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
-            self.bar = Progress(TextColumn("[bold]bench"), BarColumn(), MofNCompleteColumn(),
-                                TextColumn("{task.description}"), console=Console(file=sys.stderr))
-            self.task = self.bar.add_task("", total=total)
-
-    def __enter__(self) -> "_Progress":
-        if self.bar:
-            self.bar.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.bar:
-            self.bar.stop()
-
-    def describe(self, text: str) -> None:
-        if self.bar:
-            self.bar.update(self.task, description=text)
-
-    def advance(self) -> None:
-        if self.bar:
-            self.bar.advance(self.task)

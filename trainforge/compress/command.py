@@ -39,7 +39,10 @@ from torch import nn
 
 from .. import config as cfg
 from .. import runs
-from ..errors import DeployError
+from ..config import option
+from ..deploy.formats import export_onnx, export_program, onnx_predictor, onnx_session, torch_predictor
+from ..errors import ConfigError, DeployError
+from ..models import count_params
 from . import measure
 
 PRUNE_KINDS = ("channel", "magnitude", "both")
@@ -49,25 +52,7 @@ QUANTIZE = ("int8", "fp16", "bf16")
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", metavar="RUN_DIR", help="directory of a finished run (the baseline)")
     parser.add_argument("--out", required=True, metavar="DIR", help="directory for the variants and the report")
-    parser.add_argument("--prune", type=float, metavar="RATIO", help="fraction of channels/weights to prune (0-1)")
-    parser.add_argument("--prune-kind", default="channel", choices=PRUNE_KINDS,
-                        help="structured channel pruning, unstructured magnitude pruning, or both (default: channel)")
-    parser.add_argument("--quantize", choices=QUANTIZE, help="int8 (ONNX Runtime static and dynamic), fp16 or bf16")
-    parser.add_argument("--distill-from", metavar="TEACHER_RUN", help="run whose model teaches the run's model")
-    parser.add_argument("--finetune-epochs", type=float, default=1.0,
-                        help="epochs of recovery fine-tuning after pruning, and of distillation (default: 1)")
-    parser.add_argument("--finetune-lr-scale", type=float, default=0.2,
-                        help="fine-tuning learning rate as a fraction of the run's own (default: 0.2)")
-    parser.add_argument("--subset", type=int, help="fine-tune on a seeded, class-balanced subset of N training images")
-    parser.add_argument("--calibration-images", type=int, default=512,
-                        help="training images that calibrate static int8 quantization (default: 512)")
-    parser.add_argument("--test-images", type=int, help="measure accuracy on the first N test images (default: all)")
-    parser.add_argument("--runtimes", default=",".join(measure.RUNTIMES),
-                        help=f"comma-separated runtimes to time (default: {','.join(measure.RUNTIMES)})")
-    parser.add_argument("--latency-calls", type=int, default=200, help="batch-1 calls timed per runtime (default: 200)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed throughput repeats per runtime (default: 5)")
-    parser.add_argument("--data-dir", help="root of the built-in data sets")
-    parser.add_argument("--device", default="auto", help="device of the fine-tuning steps (default: auto)")
+    cfg.add_arguments(parser.add_argument_group("compression options"), Options, skip=("progress",))
 
 
 @dataclasses.dataclass
@@ -84,47 +69,86 @@ class Variant:
 
     def __post_init__(self) -> None:
         if self.params is None and self.module is not None:
-            self.params = measure.count_params(self.module)
+            self.params = count_params(self.module)
 
 
 @dataclasses.dataclass
 class Options:
-    """What `compress_run` does; mirrors the CLI flags."""
+    """What `compress_run` does; the CLI flags are generated from these fields."""
 
-    prune: float | None = None
-    prune_kind: str = "channel"
-    quantize: str | None = None
-    distill_from: str | None = None
-    finetune_epochs: float = 1.0
-    finetune_lr_scale: float = 0.2
-    subset: int | None = None
-    calibration_images: int = 512
-    test_images: int | None = None
-    runtimes: tuple[str, ...] = measure.RUNTIMES
-    latency_calls: int = 200
-    repeats: int = 5
-    data_dir: str | None = None
-    device: str = "auto"
-    progress: bool = True
+    prune: float | None = option(None, "fraction of channels/weights to prune (0-1, exclusive)", positive=True)
+    prune_kind: str = option("channel", "structured channel pruning, unstructured magnitude pruning, or both",
+                             choices=PRUNE_KINDS)
+    quantize: str | None = option(None, "int8 (ONNX Runtime static and dynamic), fp16 or bf16", choices=QUANTIZE)
+    distill_from: str | None = option(None, "run whose model teaches the run's model (TEACHER_RUN)")
+    finetune_epochs: float = option(1.0, "epochs of recovery fine-tuning after pruning, and of distillation",
+                                    positive=True)
+    finetune_lr_scale: float = option(0.2, "fine-tuning learning rate as a fraction of the run's own", positive=True)
+    subset: int | None = option(None, "fine-tune on a seeded, class-balanced subset of N training images",
+                                positive=True)
+    calibration_images: int = option(512, "training images that calibrate static int8 quantization", positive=True)
+    test_images: int | None = option(None, "measure accuracy on the first N test images (default: all)",
+                                     positive=True)
+    runtimes: str = option(",".join(measure.RUNTIMES), "comma-separated runtimes to time")
+    latency_calls: int = option(200, "batch-1 calls timed per runtime", positive=True)
+    repeats: int = option(5, "timed throughput repeats per runtime", positive=True)
+    data_dir: str | None = option(None, "root of the built-in data sets")
+    device: str = option("auto", "device of the fine-tuning steps")
+    progress: bool = True  # not a flag: the CLI sets it from --quiet/--json
+
+    @property
+    def runtime_list(self) -> tuple[str, ...]:
+        return tuple(r.strip() for r in self.runtimes.split(",") if r.strip())
 
 
 def _validate(options: Options) -> None:
-    if options.prune is not None and not 0.0 < options.prune < 1.0:
-        raise DeployError(f"--prune must be a fraction between 0 and 1 (exclusive), got {options.prune}")
-    if options.prune_kind not in PRUNE_KINDS:
-        raise DeployError(f"--prune-kind must be one of {', '.join(PRUNE_KINDS)}, got {options.prune_kind!r}")
-    if options.quantize is not None and options.quantize not in QUANTIZE:
-        raise DeployError(f"--quantize must be one of {', '.join(QUANTIZE)}, got {options.quantize!r}")
-    unknown = [r for r in options.runtimes if r not in measure.RUNTIMES]
-    if unknown or not options.runtimes:
-        raise DeployError(f"--runtimes: expected a comma-separated subset of {','.join(measure.RUNTIMES)}, "
-                          f"got {','.join(options.runtimes) or '(none)'}")
-    for name, value in (("--finetune-epochs", options.finetune_epochs), ("--finetune-lr-scale",
-                        options.finetune_lr_scale), ("--calibration-images", options.calibration_images),
-                        ("--latency-calls", options.latency_calls), ("--repeats", options.repeats),
-                        ("--subset", options.subset or 1), ("--test-images", options.test_images or 1)):
-        if value <= 0:
-            raise DeployError(f"{name} must be > 0, got {value}")
+    cfg.validate(options, source="compress options")
+    if options.prune is not None and not options.prune < 1.0:
+        raise ConfigError(f"--prune must be a fraction between 0 and 1 (exclusive), got {options.prune}")
+    unknown = [r for r in options.runtime_list if r not in measure.RUNTIMES]
+    if unknown or not options.runtime_list:
+        raise ConfigError(f"--runtimes: expected a comma-separated subset of {','.join(measure.RUNTIMES)}, "
+                          f"got {options.runtimes or '(none)'}")
+    if options.prune is None and options.quantize is None and options.distill_from is None:
+        raise ConfigError("nothing to do: give --prune, --quantize and/or --distill-from")
+
+
+@dataclasses.dataclass
+class _Job:
+    """One compression job: the run's model and data, and where the variants go."""
+
+    options: Options
+    out: Path
+    model: nn.Module
+    info: runs.ModelInfo
+    saved: cfg.TrainConfig
+    data: Any  # DataBundle: the training images fine-tuning uses, the test images measured
+    calibration: np.ndarray  # training images that calibrate static int8 quantization
+    example: torch.Tensor
+    teacher: nn.Module | None
+
+    def finetune(self, module: nn.Module, name: str, loss_fn: Any = None, keep: Path | None = None) -> dict[str, Any]:
+        """Fine-tunes `module` in place with the run's recipe, scaled; `keep` keeps its run directory."""
+        from ..train import Hooks, train
+
+        saved, options = self.saved, self.options
+        config = dataclasses.replace(saved, epochs=options.finetune_epochs, lr=saved.lr * options.finetune_lr_scale,
+                                     subset=None, target_acc=None, compile=False, checkpoint_every=None,
+                                     checkpoint_minutes=None, tensorboard=False, device=options.device)
+        with tempfile.TemporaryDirectory() as tmp:
+            config = dataclasses.replace(config, out=str(keep or Path(tmp) / name))
+            result = train(config, data=self.data, hooks=Hooks(model=module, model_info=self.info, loss_fn=loss_fn),
+                           progress=options.progress)
+        module.cpu().eval()
+        return {"finetune_epochs": options.finetune_epochs, "finetune_test_acc": result.test_acc}
+
+    def with_onnx(self, name: str, module: nn.Module, **details: Any) -> Variant:
+        path = self.out / f"{name}.onnx"
+        export_onnx(module, path, self.example, info=self.info)
+        return Variant(name, module, path, path, details=details)
+
+    def save_program(self, module: nn.Module, name: str) -> None:
+        export_program(module, self.out / name, self.example, self.info)
 
 
 def compress_run(run_dir: str | Path, out: str | Path, options: Options | None = None) -> dict[str, Any]:
@@ -133,116 +157,110 @@ def compress_run(run_dir: str | Path, out: str | Path, options: Options | None =
     Returns {"variants": [...]} (baseline first), each with name, test_acc, params, size_bytes, latency_ms_p50,
     latency_ms_p99 and throughput of its fastest runtime, plus the timings of every runtime.
     """
-    from ..data import DataBundle, ImageSet, load_data
-    from ..deploy.export import export_onnx, export_program
-
     options = options or Options()
     _validate(options)
-    if options.prune is None and options.quantize is None and options.distill_from is None:
-        raise DeployError("nothing to do: give --prune, --quantize and/or --distill-from")
-    run_dir, out = Path(run_dir), Path(out)
+    job = _prepare(Path(run_dir), Path(out), options)
+    variants = [job.with_onnx("baseline", job.model)]
+    current = variants[0]
+    for step in (_prune_channels, _prune_magnitude, _distill):
+        made = step(job, current)
+        if made is not None:
+            variants.append(made)
+            current = made
+    variants += _quantize(job, current, prefix="" if current is variants[0] else current.name + "+")
+    test = job.data.test
+    rows = [_measure(v, test, options) for v in variants]
+    return _report(rows, job.out, teacher_acc=_teacher_acc(job.teacher, test) if job.teacher is not None else None)
+
+
+def _prepare(run_dir: Path, out: Path, options: Options) -> _Job:
+    from ..data import DataBundle, ImageSet, balanced_subset
+
     model = runs.load(run_dir)
-    info = model.info
-    saved = cfg.load_file(cfg.TrainConfig, run_dir / runs.CONFIG_FILE)
     teacher = _load_teacher(options.distill_from, model) if options.distill_from else None
     out.mkdir(parents=True, exist_ok=True)
-
-    full = load_data(saved.data, options.data_dir or saved.data_dir, seed=saved.seed, image_size=saved.image_size,
-                     val_fraction=saved.val_fraction)
+    run_data = runs.load_run_data(run_dir, options.data_dir)
+    saved, full = run_data.config, run_data.dataset  # fine-tuning draws on every training image of the data set
     n_test = min(options.test_images or len(full.test.labels), len(full.test.labels))
     test = ImageSet(full.test.images[:n_test], full.test.labels[:n_test], full.classes)
     train_set = full.train
     if options.subset is not None:
-        from ..data import balanced_subset
-
         idx = balanced_subset(full.train.labels, options.subset, saved.seed)
         train_set = ImageSet(full.train.images[idx], full.train.labels[idx], full.classes)
-    bundle = DataBundle(full.name, train_set, test, full.mean, full.std)
-    example = full.test.images[:2]
+    return _Job(options, out, model, model.info, saved, DataBundle(full.name, train_set, test, full.mean, full.std),
+                full.train.images[:options.calibration_images].numpy(), full.test.images[:2], teacher)
 
-    def finetune(module: nn.Module, name: str, loss_fn: Any = None, keep: Path | None = None) -> dict[str, Any]:
-        from ..train import train
 
-        config = dataclasses.replace(saved, epochs=options.finetune_epochs, lr=saved.lr * options.finetune_lr_scale,
-                                     subset=None, target_acc=None, compile=False, checkpoint_every=None,
-                                     checkpoint_minutes=None, tensorboard=False, device=options.device)
-        with tempfile.TemporaryDirectory() as tmp:
-            config = dataclasses.replace(config, out=str(keep or Path(tmp) / name))
-            result = train(config, model=module, data=bundle, loss_fn=loss_fn, model_info=info,
-                           progress=options.progress)
-        module.cpu().eval()
-        return {"finetune_epochs": options.finetune_epochs, "finetune_test_acc": result.test_acc}
+def _prune_channels(job: _Job, current: Variant) -> Variant | None:
+    """Channel pruning of the baseline, then a recovery fine-tune; also kept as a torch.export program."""
+    if job.options.prune is None or job.options.prune_kind not in ("channel", "both"):
+        return None
+    from .prune import prune_channels
 
-    def with_onnx(name: str, module: nn.Module, **details: Any) -> Variant:
-        path = out / f"{name}.onnx"
-        export_onnx(module, path, example, info=info)
-        return Variant(name, module, path, path, details=details)
+    pruned = prune_channels(job.model, job.options.prune, job.example)
+    details = {"prune": "channel", "ratio": job.options.prune, "params_before": count_params(job.model)}
+    details.update(job.finetune(pruned, "pruned-channel"))
+    job.save_program(pruned, "pruned-channel.pt2")
+    return job.with_onnx("pruned-channel", pruned, **details)
 
-    variants = [with_onnx("baseline", model)]
-    current = variants[0]
-    if options.prune is not None and options.prune_kind in ("channel", "both"):
-        from .prune import prune_channels
 
-        pruned = prune_channels(model, options.prune, example)
-        details = {"prune": "channel", "ratio": options.prune, "params_before": measure.count_params(model)}
-        details.update(finetune(pruned, "pruned-channel"))
-        export_program(pruned, out / "pruned-channel.pt2", example, info)
-        current = with_onnx("pruned-channel", pruned, **details)
-        variants.append(current)
-    if options.prune is not None and options.prune_kind in ("magnitude", "both"):
-        from .prune import apply_magnitude_masks, make_masks_permanent, sparsity_report
+def _prune_magnitude(job: _Job, current: Variant) -> Variant | None:
+    """Magnitude pruning of the current variant, fine-tuned with the mask held, then made permanent."""
+    if job.options.prune is None or job.options.prune_kind not in ("magnitude", "both"):
+        return None
+    from .prune import apply_magnitude_masks, make_masks_permanent, sparsity_report
 
-        sparse = copy.deepcopy(current.module)
-        apply_magnitude_masks(sparse, options.prune)
-        details = {"prune": "magnitude", "ratio": options.prune}
-        details.update(finetune(sparse, "pruned-magnitude"))
-        make_masks_permanent(sparse)
-        details["sparsity"] = sparsity_report(sparse)
-        current = with_onnx("pruned-magnitude", sparse, **details)
-        variants.append(current)
-    if teacher is not None:
-        from .distill import distillation_loss
+    sparse = copy.deepcopy(current.module)
+    apply_magnitude_masks(sparse, job.options.prune)
+    details = {"prune": "magnitude", "ratio": job.options.prune}
+    details.update(job.finetune(sparse, "pruned-magnitude"))
+    make_masks_permanent(sparse)
+    details["sparsity"] = sparsity_report(sparse)
+    return job.with_onnx("pruned-magnitude", sparse, **details)
 
-        student = copy.deepcopy(current.module)
-        # The student keeps a loadable run directory while it still has the run's architecture; a channel-pruned
-        # student is kept as a torch.export program instead.
-        same_architecture = current.name in ("baseline", "pruned-magnitude")
-        keep = out / "distilled" if same_architecture else None
-        details = {"teacher": str(options.distill_from), "teacher_params": measure.count_params(teacher)}
-        details.update(finetune(student, "distilled", distillation_loss(teacher), keep=keep))
-        if keep is not None:
-            details["run_dir"] = str(keep)
-        else:
-            export_program(student, out / "distilled.pt2", example, info)
-        current = with_onnx("distilled", student, **details)
-        variants.append(current)
-    if options.quantize == "int8":
+
+def _distill(job: _Job, current: Variant) -> Variant | None:
+    """The current variant fine-tuned towards the teacher's soft outputs."""
+    if job.teacher is None:
+        return None
+    from .distill import distillation_loss
+
+    student = copy.deepcopy(current.module)
+    # The student keeps a loadable run directory while it still has the run's architecture; a channel-pruned
+    # student is kept as a torch.export program instead.
+    keep = job.out / "distilled" if current.name in ("baseline", "pruned-magnitude") else None
+    details = {"teacher": str(job.options.distill_from), "teacher_params": count_params(job.teacher)}
+    details.update(job.finetune(student, "distilled", distillation_loss(job.teacher), keep=keep))
+    if keep is not None:
+        details["run_dir"] = str(keep)
+    else:
+        job.save_program(student, "distilled.pt2")
+    return job.with_onnx("distilled", student, **details)
+
+
+def _quantize(job: _Job, current: Variant, prefix: str) -> list[Variant]:
+    """int8 ONNX variants (static and dynamic) of the current variant, or its fp16/bf16 copy."""
+    quantize = job.options.quantize
+    if quantize == "int8":
         from .quantize import quantize_onnx_dynamic, quantize_onnx_static
 
-        prefix = "" if current is variants[0] else current.name + "+"
-        calibration = full.train.images[:options.calibration_images].numpy()
-        static = out / f"{prefix}int8-static.onnx"
-        quantize_onnx_static(current.onnx, static, calibration)
-        dynamic = out / f"{prefix}int8-dynamic.onnx"
+        static = job.out / f"{prefix}int8-static.onnx"
+        quantize_onnx_static(current.onnx, static, job.calibration)
+        dynamic = job.out / f"{prefix}int8-dynamic.onnx"
         quantize_onnx_dynamic(current.onnx, dynamic)
-        variants.append(Variant(f"{prefix}int8-static", None, static, static, int8=True,
-                                details={"quantize": "int8 static QDQ, per-channel weights",
-                                         "calibration_images": len(calibration)}, params=current.params))
-        variants.append(Variant(f"{prefix}int8-dynamic", None, dynamic, dynamic, int8=True,
-                                details={"quantize": "int8 dynamic"}, params=current.params))
-    elif options.quantize in ("fp16", "bf16"):
+        return [Variant(f"{prefix}int8-static", None, static, static, int8=True,
+                        details={"quantize": "int8 static QDQ, per-channel weights",
+                                 "calibration_images": len(job.calibration)}, params=current.params),
+                Variant(f"{prefix}int8-dynamic", None, dynamic, dynamic, int8=True,
+                        details={"quantize": "int8 dynamic"}, params=current.params)]
+    if quantize in ("fp16", "bf16"):
         from .quantize import DTYPES, ReducedPrecision
 
-        prefix = "" if current is variants[0] else current.name + "+"
-        half = ReducedPrecision(current.module, DTYPES[options.quantize]).eval()
-        path = out / f"{prefix}{options.quantize}.pt2"
-        export_program(half, path, example, info)
-        variants.append(Variant(f"{prefix}{options.quantize}", half, None, path,
-                                details={"quantize": options.quantize}))
-
-    rows = [_measure(v, test, options) for v in variants]
-    report = _report(rows, out, teacher_acc=_teacher_acc(teacher, test) if teacher is not None else None)
-    return report
+        half = ReducedPrecision(current.module, DTYPES[quantize]).eval()
+        job.save_program(half, f"{prefix}{quantize}.pt2")
+        return [Variant(f"{prefix}{quantize}", half, None, job.out / f"{prefix}{quantize}.pt2",
+                        details={"quantize": quantize})]
+    return []
 
 
 def _load_teacher(teacher_dir: str, student: nn.Module) -> nn.Module:
@@ -254,18 +272,16 @@ def _load_teacher(teacher_dir: str, student: nn.Module) -> nn.Module:
 
 
 def _teacher_acc(teacher: nn.Module, test: Any) -> float:
-    return measure.accuracy(measure.eager_predictor(teacher), test.images.numpy(), test.labels.numpy())
+    return measure.accuracy(torch_predictor(teacher), test.images.numpy(), test.labels.numpy())
 
 
 def _predictors(variant: Variant, runtimes: tuple[str, ...]) -> dict[str, Any]:
-    from ..deploy.export import onnx_predictor, onnx_session
-
     made: dict[str, Any] = {}
     for runtime in runtimes:
         if runtime == "onnxruntime" and variant.onnx is not None:
             made[runtime] = lambda: onnx_predictor(onnx_session(variant.onnx))
         elif runtime == "eager" and variant.module is not None:
-            made[runtime] = lambda: measure.eager_predictor(variant.module)
+            made[runtime] = lambda: torch_predictor(variant.module)
         elif runtime == "compile" and variant.module is not None:
             made[runtime] = lambda: measure.compiled_predictor(copy.deepcopy(variant.module))
     return made
@@ -276,7 +292,7 @@ def _measure(variant: Variant, test: Any, options: Options) -> dict[str, Any]:
     sample = images[:256]
     timings, unavailable = [], {}
     test_acc = None
-    for runtime, make in _predictors(variant, options.runtimes).items():
+    for runtime, make in _predictors(variant, options.runtime_list).items():
         if options.progress:
             print(f"measuring {variant.name} on {runtime} ...", file=sys.stderr, flush=True)
         try:
@@ -287,7 +303,7 @@ def _measure(variant: Variant, test: Any, options: Options) -> dict[str, Any]:
         except Exception as exc:  # a runtime that cannot run this variant is reported, not fatal
             unavailable[runtime] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc) else ''}"
     if not timings:
-        raise DeployError(f"variant {variant.name}: no runtime among {', '.join(options.runtimes)} could run it "
+        raise DeployError(f"variant {variant.name}: no runtime among {', '.join(options.runtime_list)} could run it "
                           f"({json.dumps(unavailable)})")
     best = measure.fastest(timings)
     return {"name": variant.name, "test_acc": test_acc, "params": variant.params,
@@ -317,8 +333,7 @@ def _int8_note(rows: list[dict[str, Any]], cpu: dict[str, Any]) -> str | None:
             f"VNNI int8 dot-product instructions{'' if cpu['vnni'] else ' (int8 products take extra widening steps)'}"
             f", and in a network this small the QuantizeLinear/DequantizeLinear conversions around every layer and "
             f"around the ops without int8 kernels (pooling, the global max, the output layer) cost about as much "
-            f"as the convolutions save. int8 buys the file size here, not speed; on GPUs, TensorRT-style int8/fp16 "
-            f"through ONNX Runtime's CUDA/TensorRT providers is the path to measure (pending: no GPU on this machine).")
+            f"as the convolutions save. int8 buys the file size here, not speed.")
 
 
 def _report(rows: list[dict[str, Any]], out: Path, teacher_acc: float | None) -> dict[str, Any]:
@@ -391,13 +406,8 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    options = Options(prune=args.prune, prune_kind=args.prune_kind, quantize=args.quantize,
-                      distill_from=args.distill_from, finetune_epochs=args.finetune_epochs,
-                      finetune_lr_scale=args.finetune_lr_scale, subset=args.subset,
-                      calibration_images=args.calibration_images, test_images=args.test_images,
-                      runtimes=tuple(r.strip() for r in args.runtimes.split(",") if r.strip()),
-                      latency_calls=args.latency_calls, repeats=args.repeats, data_dir=args.data_dir,
-                      device=args.device, progress=not (args.json or args.quiet))
+    options = cfg.from_dict(Options, {**cfg.typed_options(args, Options), "progress": not (args.json or args.quiet)},
+                            source="command line")
     report = compress_run(args.run_dir, args.out, options)
     if not (args.json or args.quiet):
         print((Path(args.out) / "report.md").read_text(), end="")

@@ -14,6 +14,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..deploy.formats import torch_predictor
+from ..hardware.cpuinfo import read_cpuinfo
+
 Predict = Callable[[np.ndarray], np.ndarray]
 RUNTIMES = ("eager", "compile", "onnxruntime")
 
@@ -57,16 +60,9 @@ def time_predictor(runtime: str, predict: Predict, sample: np.ndarray, latency_c
     return Timing(runtime, float(np.percentile(lat, 50)), float(np.percentile(lat, 99)), float(np.median(rates)))
 
 
-def eager_predictor(model: nn.Module) -> Predict:
-    def predict(images: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            return model(torch.from_numpy(images)).float().numpy()
-    return predict
-
-
 def compiled_predictor(model: nn.Module) -> Predict:
     """torch.compile of `model`; compilation happens on the first calls of each batch size (the warm-up)."""
-    return eager_predictor(torch.compile(model))
+    return torch_predictor(torch.compile(model))
 
 
 def accuracy(predict: Predict, images: np.ndarray, labels: np.ndarray, batch_size: int = 1000) -> float:
@@ -78,25 +74,13 @@ def accuracy(predict: Predict, images: np.ndarray, labels: np.ndarray, batch_siz
     return correct / max(1, len(images))
 
 
-def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def fastest(timings: list[Timing]) -> Timing:
     return max(timings, key=lambda t: t.throughput)
 
 
 def cpu_features() -> dict[str, Any]:
     """What the CPU offers for int8 and bf16 arithmetic (from /proc/cpuinfo where it exists)."""
-    flags: set[str] = set()
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    break
-    except OSError:
-        pass
+    flags = read_cpuinfo().flags
     return {"avx2": "avx2" in flags, "avx512f": "avx512f" in flags,
             "vnni": bool({"avx512_vnni", "avx_vnni"} & flags), "avx512_bf16": "avx512_bf16" in flags,
             "amx": "amx_tile" in flags}

@@ -58,7 +58,7 @@ def quantize_onnx_dynamic(fp32_path: Path, out_path: Path) -> None:
 def _strip(path: Path) -> None:
     import onnx
 
-    from ..deploy.export import strip_for_deployment
+    from ..deploy.formats import strip_for_deployment
 
     proto = onnx.load(str(path))
     strip_for_deployment(proto)

@@ -8,13 +8,15 @@ batch by batch, with no per-sample Python (MNIST is 47 MB as uint8). Normalizati
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from typing import TYPE_CHECKING, Iterator
 
 import torch
 
 if TYPE_CHECKING:
-    from . import DataBundle
+    from .folder import FolderDataset
+    from .loading import DataBundle
 
 
 def balanced_subset(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:
@@ -169,3 +171,43 @@ def eval_batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int, ra
         return
     for start in range(0, len(labels), batch_size):
         yield images[start:start + batch_size], labels[start:start + batch_size]
+
+
+class _StreamingTrainLoader:
+    """The streaming loader with the DeviceLoader's interface: resumable epochs and on-device augmentation."""
+
+    def __init__(self, dataset: "FolderDataset", batch_size: int, *, device: torch.device, seed: int, augment: str,
+                 workers: int, rank: int, world_size: int):
+        from .folder import streaming_loader
+
+        self.loader = streaming_loader(dataset, batch_size=batch_size, shuffle=True, seed=seed, device=device,
+                                       num_workers=workers, rank=rank, world_size=world_size)
+        self.seed, self.augment, self.device = seed, augment, device
+        self.epoch, self.start_step = 0, 0
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.epoch, self.start_step = epoch, start_step
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self.loader.set_epoch(self.epoch)
+        generator = torch.Generator(device=self.device)
+        # Batches before a resume point are decoded and dropped: the order must match the interrupted epoch's.
+        for step, (images, labels) in enumerate(itertools.islice(self.loader, self.start_step, None),
+                                                start=self.start_step):
+            if self.augment != "none":
+                generator.manual_seed((self.seed * 1_000_003 + self.epoch) * 100_003 + step)
+                images = augment_batch(images, self.augment, generator)
+            yield images, labels
+
+
+def make_train_loader(bundle: DataBundle, batch_size: int, *, device: torch.device, seed: int, augment: str,
+                      workers: int = 2, rank: int = 0, world_size: int = 1):
+    """The training batches of `bundle`: device-resident when it is in memory, streamed from disk otherwise."""
+    if bundle.stream is not None:
+        return _StreamingTrainLoader(bundle.stream, batch_size, device=device, seed=seed, augment=augment,
+                                     workers=workers, rank=rank, world_size=world_size)
+    return DeviceLoader(bundle.train.images, bundle.train.labels, batch_size, device=device, shuffle=True,
+                        seed=seed, augment=augment, rank=rank, world_size=world_size)

@@ -246,44 +246,8 @@ def parse_multipart(body: bytes, content_type: str, max_parts: int) -> list[tupl
     boundary = params.get(b"boundary")
     if not boundary:
         raise BadRequest(400, "malformed multipart body (no boundary in its Content-Type)")
-    files: list[tuple[str, bytes]] = []
-    part: dict[str, Any] = {}
-    parts = 0
-    finished = False
-
-    def on_part_begin() -> None:
-        nonlocal parts
-        parts += 1
-        if parts > max_parts:
-            raise BadRequest(413, f"the multipart body holds more than {max_parts} parts")
-        part.update(field=b"", value=b"", headers={}, data=[])
-
-    def on_header_field(data: bytes, start: int, end: int) -> None:
-        part["field"] += data[start:end]
-
-    def on_header_value(data: bytes, start: int, end: int) -> None:
-        part["value"] += data[start:end]
-
-    def on_header_end() -> None:
-        part["headers"][part["field"].lower()] = part["value"]
-        part["field"] = part["value"] = b""
-
-    def on_part_data(data: bytes, start: int, end: int) -> None:
-        part["data"].append(data[start:end])
-
-    def on_part_end() -> None:
-        _, disposition = parse_options_header(part["headers"].get(b"content-disposition"))
-        if b"filename" in disposition:
-            name = disposition[b"filename"].decode("utf-8", "replace") or "file"
-            files.append((name, b"".join(part["data"])))
-
-    def on_end() -> None:
-        nonlocal finished
-        finished = True
-
-    callbacks = dict(on_part_begin=on_part_begin, on_header_field=on_header_field, on_header_value=on_header_value,
-                     on_header_end=on_header_end, on_part_data=on_part_data, on_part_end=on_part_end, on_end=on_end)
-    parser = MultipartParser(boundary, callbacks)
+    collector = _MultipartFiles(max_parts)
+    parser = MultipartParser(boundary, collector.callbacks())
     try:
         parser.write(body)
         parser.finalize()
@@ -291,9 +255,54 @@ def parse_multipart(body: bytes, content_type: str, max_parts: int) -> list[tupl
         raise
     except Exception as exc:  # python-multipart raises several types (and ValueError) for malformed bodies
         raise BadRequest(400, f"malformed multipart body ({str(exc)[:200]})") from None
-    if not finished:
+    if not collector.finished:
         raise BadRequest(400, "malformed multipart body (it ends before its closing boundary)")
-    return files
+    return collector.files
+
+
+class _MultipartFiles:
+    """python-multipart parser callbacks that collect the file parts of a body."""
+
+    def __init__(self, max_parts: int):
+        self.max_parts = max_parts
+        self.files: list[tuple[str, bytes]] = []
+        self.part: dict[str, Any] = {}
+        self.parts = 0
+        self.finished = False
+
+    def callbacks(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in ("on_part_begin", "on_header_field", "on_header_value",
+                                                       "on_header_end", "on_part_data", "on_part_end", "on_end")}
+
+    def on_part_begin(self) -> None:
+        self.parts += 1
+        if self.parts > self.max_parts:
+            raise BadRequest(413, f"the multipart body holds more than {self.max_parts} parts")
+        self.part.update(field=b"", value=b"", headers={}, data=[])
+
+    def on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self.part["field"] += data[start:end]
+
+    def on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self.part["value"] += data[start:end]
+
+    def on_header_end(self) -> None:
+        self.part["headers"][self.part["field"].lower()] = self.part["value"]
+        self.part["field"] = self.part["value"] = b""
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        self.part["data"].append(data[start:end])
+
+    def on_part_end(self) -> None:
+        from python_multipart.multipart import parse_options_header
+
+        _, disposition = parse_options_header(self.part["headers"].get(b"content-disposition"))
+        if b"filename" in disposition:
+            name = disposition[b"filename"].decode("utf-8", "replace") or "file"
+            self.files.append((name, b"".join(self.part["data"])))
+
+    def on_end(self) -> None:
+        self.finished = True
 
 
 def _predictions(logits: np.ndarray, classes: list[str]) -> list[dict[str, Any]]:

@@ -33,8 +33,9 @@ from .. import runs
 from ..config import option
 from ..data import DataBundle, ImageSet, eval_batches, load_data
 from ..errors import ConfigError
-from ..models import Preprocess
+from ..models import Preprocess, count_params
 from ..models.registry import effective_width
+from ..train.loop import Hooks, TrainResult, evaluate, train
 from . import sources, strategies, update
 
 
@@ -82,10 +83,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("fine-tuning options")
     group.add_argument("--from", dest="source", metavar="SOURCE", required=True, help=_help(FinetuneConfig, "source"))
     cfg.add_arguments(group, FinetuneConfig, skip=("source",))
-    # `strategy` of TrainConfig is the multi-process one (ddp/fsdp); fine-tuning runs the default.
+    # Several processes share a fine-tuning run the default way (ddp).
     cfg.add_arguments(parser.add_argument_group("training options (--image-size also sets the resolution of "
                                                 "pretrained ImageNet models)"), cfg.TrainConfig,
-                      skip=("strategy",))
+                      skip=("parallel",))
 
 
 def _help(cls: type, name: str) -> str:
@@ -93,12 +94,8 @@ def _help(cls: type, name: str) -> str:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any] | None:
-    given = vars(args)
-    ft_names = {f.name for f in dataclasses.fields(FinetuneConfig)}
-    train_names = {f.name for f in dataclasses.fields(cfg.TrainConfig)} - {"strategy"}
-    options = cfg.from_dict(FinetuneConfig, {k: v for k, v in given.items() if k in ft_names}, source="command line")
-    result = finetune(options, {k: v for k, v in given.items() if k in train_names},
-                      progress=not (args.quiet or args.json))
+    options = cfg.from_dict(FinetuneConfig, cfg.typed_options(args, FinetuneConfig), source="command line")
+    result = finetune(options, cfg.typed_options(args, cfg.TrainConfig), progress=not (args.quiet or args.json))
     if not result.get("run_dir"):
         return None
     if not (args.quiet or args.json):
@@ -112,6 +109,20 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     return result
 
 
+@dataclasses.dataclass
+class _Job:
+    """A fine-tuning job's model and data, built from its source."""
+
+    model: strategies.FinetuneClassifier
+    head: nn.Module
+    head_name: str
+    classes: list[str]
+    image_size: int
+    bundle: DataBundle  # what trains: the new data, or (with --update) the mixture of both tasks
+    tasks: update.Tasks | None = None
+    old_model: nn.Module | None = None
+
+
 def finetune(options: FinetuneConfig | dict[str, Any], train_options: dict[str, Any] | None = None, *,
              data: DataBundle | None = None, old_data: DataBundle | None = None,
              progress: bool = True) -> dict[str, Any]:
@@ -123,8 +134,46 @@ def finetune(options: FinetuneConfig | dict[str, Any], train_options: dict[str, 
     `old_task_acc_before`, `old_task_acc` and `new_task_acc` (accuracies in 0-1, on the two tasks' test sets).
     """
     from ..train.device import resolve_device, resolve_precision
-    from ..train.loop import evaluate, train
 
+    options, config = _configs(options, train_options)
+    cache = _resolve_cache(options, config)
+    bundle = data or load_data(config.data, config.data_dir, subset=config.subset, seed=config.seed,
+                               image_size=config.image_size, val_fraction=config.val_fraction)
+    source = sources.load_source(options.source, bundle, model=config.model, progress=progress)
+    if options.update and source.kind != "run":
+        raise ConfigError(f"--update needs a run directory to update, and --from {options.source} is a {source.kind} "
+                          f"source")
+    torch.manual_seed(config.seed)
+    job = _build_job(options, config, source, bundle, old_data)
+    total_params = count_params(job.model)
+    device = resolve_device(config.device)
+    precision = resolve_precision(config.precision, device)
+    hooks, unfreezer = _strategy_hooks(options, config, source, job)
+    trainable = count_params(job.model, trainable_only=True)
+    # The run records the data it was tuned on (the B task for --update), so that `eval RUN` finds it again.
+    config = dataclasses.replace(config, model=source.arch, data=config.data if data is None else job.bundle.name)
+    result, feature_seconds = _train(config, job, hooks, cache, device, precision, progress)
+    model = job.model.cpu()
+    if options.strategy == "lora":
+        model.net = strategies.merge_lora(model.net)
+    if unfreezer is not None:
+        trainable = count_params(model, trainable_only=True)
+    if result.run_dir is None:  # a non-zero rank of a multi-process run: rank 0 writes the run
+        return result.to_dict()
+    run_dir = Path(result.run_dir)
+    # The loop saved the weights as trained; the merged (LoRA) or assembled (cached probe) model replaces them.
+    runs.save_weights(run_dir / runs.MODEL_FILE, model.state_dict())
+    out = {**result.to_dict(), "source": options.source, "strategy": options.strategy, "model": source.arch,
+           "image_size": job.image_size, "trainable_params": trainable, "total_params": total_params,
+           "cached_features": cache, "feature_seconds": feature_seconds}
+    if job.tasks is not None:
+        out.update(_forgetting(job, config, device, precision), replay=options.replay, distill=options.distill)
+    runs.write_json(run_dir / runs.SUMMARY_FILE, out)
+    return out
+
+
+def _configs(options: FinetuneConfig | dict[str, Any],
+             train_options: dict[str, Any] | None) -> tuple[FinetuneConfig, cfg.TrainConfig]:
     if isinstance(options, dict):
         options = cfg.from_dict(FinetuneConfig, options, source="finetune options")
     if not options.source:
@@ -132,21 +181,17 @@ def finetune(options: FinetuneConfig | dict[str, Any], train_options: dict[str, 
     user = dict(train_options or {})
     if "strategy" in user:
         raise ConfigError("finetune: pass the fine-tuning strategy in the fine-tuning options, not the training ones")
-    config = cfg.merge(cfg.TrainConfig, DEFAULTS, {"lr": STRATEGY_LR[options.strategy]}, user,
-                       source="finetune options")
-    cache = _resolve_cache(options, config)
+    return options, cfg.merge(cfg.TrainConfig, DEFAULTS, {"lr": STRATEGY_LR[options.strategy]}, user,
+                              source="finetune options")
 
-    bundle = data or load_data(config.data, config.data_dir, subset=config.subset, seed=config.seed,
-                               image_size=config.image_size, val_fraction=config.val_fraction)
-    source = sources.load_source(options.source, bundle, model=config.model, progress=progress)
-    if options.update and source.kind != "run":
-        raise ConfigError(f"--update needs a run directory to update, and --from {options.source} is a {source.kind} "
-                          f"source")
+
+def _build_job(options: FinetuneConfig, config: cfg.TrainConfig, source: sources.Source, bundle: DataBundle,
+               old_data: DataBundle | None) -> _Job:
+    """The source's network with a new head for the classes to learn, wrapped with its input preprocessing."""
     image_size = config.image_size if (source.resizable and config.image_size) else source.image_size
-    torch.manual_seed(config.seed)
     net = source.net
     head_name = sources.head_name(net)
-    tasks = None
+    tasks = old_model = None
     if options.update:
         old_model = runs.load(source.run_dir)
         tasks = update.joint_tasks(old_data or update.load_old_task(source.run_dir), source.classes, bundle,
@@ -158,72 +203,63 @@ def finetune(options: FinetuneConfig | dict[str, Any], train_options: dict[str, 
         classes = list(bundle.classes)
         head = strategies.replace_head(net, head_name, len(classes))
     model = strategies.FinetuneClassifier(Preprocess(source.mean, source.std, source.in_channels, image_size), net)
-    total_params = strategies.count_params(model)
+    return _Job(model, head, head_name, classes, image_size, bundle, tasks, old_model)
 
-    device = resolve_device(config.device)
-    precision = resolve_precision(config.precision, device)
-    param_groups = strategies.backbone_groups(model, head, config.lr, options.backbone_lr_mult)
-    loss_fn = None
+
+def _strategy_hooks(options: FinetuneConfig, config: cfg.TrainConfig, source: sources.Source,
+                    job: _Job) -> tuple[Hooks, strategies.GradualUnfreezer | None]:
+    """What the strategy changes in the training loop (freezing or adapting the network in place)."""
+    net = job.model.net
+    param_groups = strategies.backbone_groups(job.model, job.head, config.lr, options.backbone_lr_mult)
     unfreezer = None
     if options.strategy == "linear-probe":
-        strategies.freeze_backbone(net, head)
+        strategies.freeze_backbone(net, job.head)
     elif options.strategy == "lora":
-        model.net = strategies.apply_lora(net, head_name, options.lora_rank, options.lora_alpha,
-                                          options.lora_dropout, options.lora_targets)
+        job.model.net = strategies.apply_lora(net, job.head_name, options.lora_rank, options.lora_alpha,
+                                              options.lora_dropout, options.lora_targets)
         param_groups = None  # adapters and head share the learning rate; the loop takes what trains
     elif options.strategy == "gradual":
-        steps_per_epoch = math.ceil(len(bundle.train.labels) / config.batch_size)
-        unfreezer = strategies.GradualUnfreezer(strategies.gradual_units(net, head_name), options.unfreeze_stages,
+        steps_per_epoch = math.ceil(len(job.bundle.train.labels) / config.batch_size)
+        unfreezer = strategies.GradualUnfreezer(strategies.gradual_units(net, job.head_name),
+                                                options.unfreeze_stages,
                                                 round(options.unfreeze_every * steps_per_epoch))
-        unfreezer.attach(model)
+        unfreezer.attach(job.model)
+    loss_fn = None
     if options.update and options.distill > 0:
-        loss_fn = update.distillation_loss(old_model, tasks.offset, options.distill, options.distill_temperature,
-                                           config.label_smoothing)
-    trainable = strategies.count_params(model, trainable_only=True)
-
-    info = runs.ModelInfo(model=source.arch, num_classes=len(classes), classes=classes,
-                          in_channels=source.in_channels, image_size=image_size, mean=list(source.mean),
+        loss_fn = update.distillation_loss(job.old_model, job.tasks.offset, options.distill,
+                                           options.distill_temperature, config.label_smoothing)
+    info = runs.ModelInfo(model=source.arch, num_classes=len(job.classes), classes=job.classes,
+                          in_channels=source.in_channels, image_size=job.image_size, mean=list(source.mean),
                           std=list(source.std), width=effective_width(source.arch, source.width),
                           extra={"finetune": {"source": options.source, "source_kind": source.kind,
                                               **cfg.to_dict(options)}})
-    # The run records the data it was tuned on (the B task for --update), so that `eval RUN` finds it again.
-    config = dataclasses.replace(config, model=source.arch, data=config.data if data is None else bundle.name)
-    feature_seconds = 0.0
-    if cache:
-        started = time.perf_counter()
-        bundle = _cached_features(model, head_name, bundle, device, precision, config.eval_batch_size)
-        feature_seconds = time.perf_counter() - started
-        # The loop trains the head alone on the cached features; trained in place, it is already part of `model`.
-        result = train(config, model=head, data=bundle, model_info=info, progress=progress)
-    else:
-        result = train(config, model=model, data=bundle, param_groups=param_groups, loss_fn=loss_fn,
-                       model_info=info, progress=progress)
-    model = model.cpu()
-    if options.strategy == "lora":
-        model.net = strategies.merge_lora(model.net)
-    if unfreezer is not None:
-        trainable = strategies.count_params(model, trainable_only=True)
-    if result.run_dir is None:  # a non-zero rank of a multi-process run: rank 0 writes the run
-        return result.to_dict()
-    run_dir = Path(result.run_dir)
-    # The loop saved the weights as trained; the merged (LoRA) or assembled (cached probe) model replaces them.
-    runs.save_weights(run_dir / runs.MODEL_FILE, model.state_dict())
+    return Hooks(model=job.model, model_info=info, param_groups=param_groups, loss_fn=loss_fn), unfreezer
 
-    out = {**result.to_dict(), "source": options.source, "strategy": options.strategy, "model": source.arch,
-           "image_size": image_size, "trainable_params": trainable, "total_params": total_params,
-           "cached_features": cache, "feature_seconds": feature_seconds}
-    if tasks is not None:
-        model.to(device)
-        old_model.to(device)
 
-        def accuracy(m: nn.Module, images: ImageSet) -> float:
-            return evaluate(m, images.images.to(device), images.labels.to(device), config.eval_batch_size, device,
-                            precision)[0]
-        out.update(old_task_acc_before=accuracy(old_model, tasks.old.test),
-                   old_task_acc=accuracy(model, tasks.old_test), new_task_acc=accuracy(model, tasks.new_test),
-                   replay=options.replay, distill=options.distill)
-    runs.write_json(run_dir / runs.SUMMARY_FILE, out)
-    return out
+def _train(config: cfg.TrainConfig, job: _Job, hooks: Hooks, cache: bool, device: torch.device, precision: str,
+           progress: bool) -> tuple[TrainResult, float]:
+    """The training loop's result, and the seconds spent caching features first (0 without a cache)."""
+    if not cache:
+        return train(config, data=job.bundle, hooks=hooks, progress=progress), 0.0
+    started = time.perf_counter()
+    bundle = _cached_features(job.model, job.head_name, job.bundle, device, precision, config.eval_batch_size)
+    feature_seconds = time.perf_counter() - started
+    # The loop trains the head alone on the cached features; trained in place, it is already part of the model.
+    hooks = Hooks(model=job.head, model_info=hooks.model_info)
+    return train(config, data=bundle, hooks=hooks, progress=progress), feature_seconds
+
+
+def _forgetting(job: _Job, config: cfg.TrainConfig, device: torch.device, precision: str) -> dict[str, float]:
+    """--update: the old task's accuracy before and after, and the new task's."""
+    job.model.to(device)
+    job.old_model.to(device)
+
+    def accuracy(m: nn.Module, images: ImageSet) -> float:
+        return evaluate(m, images.images.to(device), images.labels.to(device), config.eval_batch_size, device,
+                        precision)[0]
+    return {"old_task_acc_before": accuracy(job.old_model, job.tasks.old.test),
+            "old_task_acc": accuracy(job.model, job.tasks.old_test),
+            "new_task_acc": accuracy(job.model, job.tasks.new_test)}
 
 
 def _resolve_cache(options: FinetuneConfig, config: cfg.TrainConfig) -> bool:

@@ -60,11 +60,6 @@ def freeze_backbone(net: nn.Module, head: nn.Module) -> None:
     head.requires_grad_(True)
 
 
-def count_params(module: nn.Module, trainable_only: bool = False) -> int:
-    """Number of parameter elements in `module` (only those with requires_grad when `trainable_only`)."""
-    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
-
-
 def backbone_groups(model: nn.Module, head: nn.Module, lr: float, backbone_lr_mult: float
                     ) -> Callable[[nn.Module], list[dict]]:
     """Optimizer groups: the head at `lr`, every other parameter at `lr * backbone_lr_mult`.

@@ -17,9 +17,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .. import config as cfg
 from .. import runs
-from ..data import DataBundle, ImageSet, balanced_subset, load_data
+from ..data import DataBundle, ImageSet, balanced_subset
 from ..errors import ConfigError
 
 
@@ -37,9 +36,7 @@ class Tasks:
 
 def load_old_task(run_dir: Path) -> DataBundle:
     """The data the source run was trained on, as its saved config names it."""
-    saved = cfg.load_file(cfg.TrainConfig, run_dir / runs.CONFIG_FILE)
-    return load_data(saved.data, saved.data_dir, seed=saved.seed, image_size=saved.image_size,
-                     val_fraction=saved.val_fraction)
+    return runs.load_run_data(run_dir).dataset
 
 
 def conform(images: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -173,6 +173,11 @@ def build_classifier(name: str, num_classes: int, in_channels: int, image_size: 
     return Classifier(Preprocess(tuple(mean), tuple(std), in_channels, image_size), net)
 
 
+def count_params(module: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameter elements in `module` (only those with requires_grad when `trainable_only`)."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
 def _load_builtin_families() -> None:
     # Imported lazily so that importing the registry stays cheap and free of import cycles.
     from . import pretrained, small, torchvision_zoo  # noqa: F401

@@ -1,6 +1,6 @@
 """Training: the loop, recipes, devices and distributed glue."""
 
-from .loop import TrainResult, evaluate, train
+from .loop import Hooks, TrainResult, TrainState, evaluate, train
 from .recipes import RECIPES, resolve
 
-__all__ = ["RECIPES", "TrainResult", "evaluate", "resolve", "train"]
+__all__ = ["Hooks", "RECIPES", "TrainResult", "TrainState", "evaluate", "resolve", "train"]

@@ -10,7 +10,7 @@ Examples:
   trainforge train --resume runs/x                   # continue an interrupted run
   trainforge train --nproc 2                         # 2 local processes (DDP); --batch-size stays the global batch
   trainforge train --nproc 2 --resume runs/x         # resume on any number of processes
-  torchrun --nproc-per-node 8 -m trainforge train --model resnet18 --strategy fsdp   # what --nproc runs, by hand
+  torchrun --nproc-per-node 8 -m trainforge train --model resnet18 --parallel fsdp   # what --nproc runs, by hand
 
 Several processes: `--nproc N` starts N processes on this machine through torch.distributed's elastic launcher
 (torchrun); for several machines run torchrun on each, e.g. `torchrun --nnodes 2 --nproc-per-node 8
@@ -37,12 +37,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
     cfg.add_arguments(parser.add_argument_group("training options"), cfg.TrainConfig)
 
 
-def typed_options(args: argparse.Namespace, cls: type = cfg.TrainConfig) -> dict[str, Any]:
-    """The config fields the user typed on the command line (flags default to SUPPRESS)."""
-    names = {f for f in cls.__dataclass_fields__}
-    return {k: v for k, v in vars(args).items() if k in names}
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from . import distributed
     from .loop import train
@@ -55,7 +49,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # A saved run's `out` says where that run went: re-running it writes a new run unless --out says otherwise.
         saved["out"] = None
         layers.append(saved)
-    layers.append(typed_options(args))
+    layers.append(cfg.typed_options(args, cfg.TrainConfig))
     config = cfg.merge(cfg.TrainConfig, *layers, source=args.config or "command line")
     if args.resume and not os.path.isdir(args.resume):
         raise ConfigError(f"--resume {args.resume}: no such run directory")
@@ -98,7 +92,7 @@ def worker_argv(args: argparse.Namespace) -> list[str]:
         argv += ["--config", args.config]
     if args.resume:
         argv += ["--resume", args.resume]
-    for name, value in typed_options(args).items():
+    for name, value in cfg.typed_options(args, cfg.TrainConfig).items():
         flag = "--" + name.replace("_", "-")
         if isinstance(value, bool):
             argv.append(flag if value else f"--no-{flag[2:]}")

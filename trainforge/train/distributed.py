@@ -31,7 +31,7 @@ TIMEOUT_ENV = "TRAINFORGE_DIST_TIMEOUT"
 # process that failed on its own as the cause, even when a survivor's exit is noticed first.
 PEER_LOST_EXIT_STATUS = 3
 DEFAULT_TIMEOUT_S = 60.0
-STRATEGIES = ("ddp", "fsdp")
+PARALLEL = ("ddp", "fsdp")
 
 
 def env_world_size() -> int:
@@ -145,14 +145,14 @@ def shard_units(model: nn.Module) -> list[nn.Module]:
     return units
 
 
-def wrap(model: nn.Module, strategy: str, device: torch.device, world: int) -> nn.Module:
+def wrap(model: nn.Module, parallel: str, device: torch.device, world: int) -> nn.Module:
     """The module the training step calls: `model` itself in one process, a DDP wrapper around it, or `model`
     sharded in place by FSDP (`fully_shard`). Must run before the optimizer is built: FSDP replaces parameters."""
-    if strategy not in STRATEGIES:
-        raise ConfigError(f"--strategy: expected one of {', '.join(STRATEGIES)}, got {strategy!r}")
+    if parallel not in PARALLEL:
+        raise ConfigError(f"--parallel: expected one of {', '.join(PARALLEL)}, got {parallel!r}")
     if world <= 1:
         return model
-    if strategy == "ddp":
+    if parallel == "ddp":
         return nn.parallel.DistributedDataParallel(
             model, device_ids=[torch.cuda.current_device()] if device.type == "cuda" else None)
     from torch.distributed.device_mesh import init_device_mesh

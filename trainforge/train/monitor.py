@@ -27,8 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..bench.cache import lookup_ceiling
-from ..bench.flops import count_flops
+from ..hardware.ceilings import lookup_ceiling
+from ..hardware.flops import count_flops
 from ..errors import ModelError
 
 NVML_INTERVAL_S = 1.0

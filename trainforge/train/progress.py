@@ -1,10 +1,48 @@
-"""A rich progress bar on stderr (stdout stays clean for `--json`), updated cheaply from the hot loop."""
+"""Progress bars on stderr (stdout stays clean for `--json`): one `Bar` for every verb, and the training loop's
+reporter, updated cheaply from the hot loop."""
 
 from __future__ import annotations
 
 import sys
 import time
 from typing import Any
+
+
+class Bar:
+    """A rich progress bar on stderr: label, bar, done/total, then one text column per field; inert when disabled."""
+
+    def __init__(self, enabled: bool, label: str, total: int, *, completed: int = 0, fields: tuple[str, ...] = (),
+                 clock: str | None = None):
+        self.progress: Any = None
+        if not enabled:
+            return
+        from rich.console import Console
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                   TimeRemainingColumn)
+        from rich.table import Column
+
+        # The label keeps its width when a narrow console (80 columns off a terminal) squeezes the row.
+        columns = [TextColumn(f"[bold]{label}", table_column=Column(no_wrap=True, min_width=len(label))), BarColumn(),
+                   MofNCompleteColumn(), *[TextColumn(f"{{task.fields[{f}]}}") for f in fields]]
+        if clock is not None:
+            columns.append(TimeElapsedColumn() if clock == "elapsed" else TimeRemainingColumn())
+        self.progress = Progress(*columns, console=Console(file=sys.stderr), transient=False)
+        self.task = self.progress.add_task(label, total=total, completed=completed, **{f: "" for f in fields})
+        self.progress.start()
+
+    def update(self, **values: Any) -> None:
+        """Sets `completed` and/or fields."""
+        if self.progress is not None:
+            self.progress.update(self.task, **values)
+
+    def advance(self) -> None:
+        if self.progress is not None:
+            self.progress.advance(self.task)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
 
 
 class ProgressReporter:
@@ -17,47 +55,31 @@ class ProgressReporter:
         self.enabled = enabled
         self.total_steps = total_steps
         self.samples_per_step = samples_per_step
-        self.progress: Any = None
-        self.task: Any = None
+        self.bar = Bar(False, "train", total_steps)
         self.last_update = 0.0
 
     def start(self, completed: int) -> None:
-        if not self.enabled:
-            return
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.progress = Progress(
-            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
-            TextColumn("{task.fields[metrics]}"), TimeRemainingColumn(),
-            console=Console(file=sys.stderr), transient=False)
-        self.task = self.progress.add_task("train", total=self.total_steps, completed=completed, rate="",
-                                           metrics="")
-        self.progress.start()
+        self.bar = Bar(self.enabled, "train", self.total_steps, completed=completed, fields=("rate", "metrics"),
+                       clock="remaining")
         self.start_time = time.perf_counter()
         self.start_step = completed
 
     def step(self, global_step: int) -> None:
-        if self.progress is None:
+        if self.bar.progress is None:
             return
         now = time.perf_counter()
         if now - self.last_update < self.MIN_INTERVAL_S and global_step < self.total_steps:
             return
         self.last_update = now
         rate = (global_step - self.start_step) * self.samples_per_step / max(now - self.start_time, 1e-9)
-        self.progress.update(self.task, completed=global_step, rate=f"{rate:,.0f} samples/s")
+        self.bar.update(completed=global_step, rate=f"{rate:,.0f} samples/s")
 
     def epoch_done(self, record: dict[str, Any]) -> None:
-        if self.progress is None:
-            return
-        self.progress.update(self.task, completed=record["step"],
-                             metrics=f"epoch {record['epoch']} loss {record['train_loss']:.4f} "
-                                     f"test acc {record['test_acc']:.4f}{_monitor_text(record)}")
+        self.bar.update(completed=record["step"], metrics=f"epoch {record['epoch']} loss {record['train_loss']:.4f} "
+                                                          f"test acc {record['test_acc']:.4f}{_monitor_text(record)}")
 
     def close(self) -> None:
-        if self.progress is not None:
-            self.progress.stop()
-            self.progress = None
+        self.bar.close()
 
 
 def _monitor_text(record: dict[str, Any]) -> str:

@@ -1,6 +1,6 @@
 """Named recipes: model, optimizer, schedule, batch size and epochs that are known to work together.
 
-Each recipe states its evidence (what it reached, where, when); `benchmarks/RESULTS.md` holds the full record.
+Each recipe states its result in a line and names the `benchmarks/RESULTS.md` section that holds the record.
 """
 
 from __future__ import annotations
@@ -12,32 +12,16 @@ from ..errors import ConfigError
 from ..models import model_entry
 
 RECIPES: dict[str, dict] = {
-    # The project's reference workload (linear 784->10 on MNIST, 10 epochs) done well: the same model and budget of
-    # epochs, with inputs normalized (inside the model), Nesterov momentum, a one-cycle schedule and batch 2048, so
-    # that 293 steps replace the reference's 9,380 Python-bound ones. Plain SGD lr 0.01 at batch 64 ends at
-    # 90.8-91.9%; this ends at 92.56% (MNIST test, seed 0, CPU, 2026-11-29; benchmarks/RESULTS.md). Batch 512 (lr
-    # 0.2) reached 92.54% at the same speed on an idle core, but its 4x more steps cost 1.8x the time when the other
-    # core was busy (each step's parallel regions wait on a descheduled thread); batch 4096 fell to 91.97%.
+    # The reference workload (linear, 10 epochs) done well: 92.56% on MNIST (RESULTS.md, "Recipes").
     "reference": dict(model="linear", epochs=10, batch_size=2048, optimizer="sgd", lr=0.4, momentum=0.9,
                       weight_decay=0.0, schedule="onecycle", warmup=0.1, label_smoothing=0.0, augment="none"),
     "mlp": dict(model="mlp", epochs=10, batch_size=128, optimizer="adamw", lr=2e-3, betas=[0.9, 0.999],
                 weight_decay=1e-4, schedule="onecycle", warmup=0.2, label_smoothing=0.0, augment="none"),
-    # The general-purpose cnn (width 32, channels-last: 1.8x faster steps on the CPU than before). MNIST test, CPU,
-    # 2026-11-29: 2 epochs reached 99.4%; 1.5 epochs 99.23% mean (99.19, 99.26; seeds 0-1), a quarter less time;
-    # 1 epoch 99.15% (99.13, 99.17), too close to 99.0; batch 256 for 1 epoch (lr 6e-3) only 98.98%.
+    # The general-purpose cnn: 99.23% on MNIST in 1.5 epochs (RESULTS.md, "Recipes").
     "cnn": dict(model="cnn", epochs=1.5, batch_size=128, optimizer="adamw", lr=4e-3, betas=[0.9, 0.99],
                 weight_decay=5e-4, schedule="onecycle", warmup=0.2, label_smoothing=0.1, augment="none"),
-    # The fastest way trainforge knows to >= 99.0% on MNIST (`benchmarks/time_to_accuracy.py` races it against the
-    # published "99% in 0.76 s" peer recipe). Evidence, MNIST test, 2-core CPU, torch 2.14.1, 2026-11-29, 5 seeds:
-    # 99.19% ± 0.05 (min 99.12%) in 4.6x less time than the peer (99.02%) at 2 threads; 99.21% ± 0.05 (min 99.16%)
-    # in 3.2x less at 1 thread (benchmarks/RESULTS.md). How it got there, 3 seeds per step:
-    #  - label smoothing 0.1 is the largest single gain: a 12/32-channel variant went from 99.03% to 99.28% mean;
-    #  - batch norm after each pooling lets Adam run at the peer's lr 1e-2 with a narrow net (16/32 channels, a
-    #    128-unit head: 27 ms per step of 256 on one core, channels-last, against the peer's 66 ms);
-    #  - with both, 0.8 of an epoch is enough with a margin (0.7 gave 99.21% over 3 seeds but 99.10% on a 4th, 0.6
-    #    gave 99.11%: too close to the bar).
-    # Batch 256 as in the peer. Not measured on a GPU yet (none was available to this work): there the run will be
-    # launch-bound (~190 steps of a few dozen small kernels), with bf16 autocast and channels-last as the loop sets.
+    # The fastest way to >= 99.0% on MNIST: 99.19% ± 0.05 over 5 seeds, 4.6x less time than the published peer
+    # recipe on the CPU (RESULTS.md, "Recipes" and "Time to accuracy").
     "speedrun": dict(model="speedrun_cnn", epochs=0.8, batch_size=256, optimizer="adam", lr=1e-2, betas=[0.7, 0.9],
                      weight_decay=0.0, schedule="onecycle", warmup=0.3, label_smoothing=0.1, augment="none"),
     # For models registered without a recipe of their own (user models): AdamW with one-cycle is a forgiving start

@@ -27,7 +27,6 @@ import argparse
 from typing import Any
 
 from .. import config as cfg
-from ..train.command import typed_options
 
 # TrainConfig fields that tune owns or that clash with its own flags.
 SKIPPED_FIELDS = ("holdout", "out", "workers", "tensorboard")
@@ -58,7 +57,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from .study import TuneSettings, run_study, summarize
 
-    fixed = {k: v for k, v in typed_options(args).items() if k not in SKIPPED_FIELDS}
+    fixed = {k: v for k, v in cfg.typed_options(args, cfg.TrainConfig).items() if k not in SKIPPED_FIELDS}
     settings = TuneSettings(fixed=fixed, trials=args.trials, workers=args.workers, out=args.out,
                             storage=args.storage, study=args.study, budget_minutes=args.budget_minutes,
                             max_epochs=args.max_epochs, prune=args.prune)

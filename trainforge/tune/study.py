@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 from .. import config as cfg
 from ..errors import ConfigError, TrainforgeError, TrainingError
+from ..train.progress import Bar
 
 # The parameters a study may tune; any of them the user fixes with a flag is left out of the search.
 TUNABLE = ("lr", "weight_decay", "batch_size", "epochs", "width", "augment")
@@ -188,7 +189,7 @@ def make_objective(space: SearchSpace, bundle: Any, trials_dir: Path, progress: 
     import optuna
 
     from .. import runs
-    from ..train import train
+    from ..train import Hooks, train
 
     def objective(trial: Any) -> float:
         values = space.suggest(trial)
@@ -207,7 +208,7 @@ def make_objective(space: SearchSpace, bundle: Any, trials_dir: Path, progress: 
             return False
 
         try:
-            result = train(config, data=bundle, progress=progress, on_epoch=on_epoch)
+            result = train(config, data=bundle, hooks=Hooks(on_epoch=on_epoch), progress=progress)
         except TrainingError as exc:
             # A diverging learning rate is a bad setting, not a broken study: record why and prune the trial.
             trial.set_user_attr("error", str(exc))
@@ -321,12 +322,12 @@ def run_study(settings: TuneSettings, progress: bool = True) -> Any:
     deadline = None if settings.budget_minutes is None else time.time() + settings.budget_minutes * 60
     # Distinct sampler seeds per worker and per resumption: equal seeds would propose the same first trials again.
     seed = space.base.seed * 1_000 + len(study.trials)
-    bar = _TrialProgress(progress, settings.trials, done)
+    bar = Bar(progress, "tune", settings.trials, completed=done, fields=("best",), clock="elapsed")
     try:
         if settings.workers == 1:
-            run_worker(settings, space, remaining, seed, deadline, progress=lambda: bar.update(study))
+            run_worker(settings, space, remaining, seed, deadline, progress=lambda: _show_best(bar, study))
         else:
-            _run_processes(settings, space, remaining, seed, deadline, lambda: bar.update(study))
+            _run_processes(settings, space, remaining, seed, deadline, lambda: _show_best(bar, study))
     finally:
         bar.close()
     return study
@@ -363,37 +364,15 @@ def _run_processes(settings: TuneSettings, space: SearchSpace, remaining: int, s
         raise TrainingError(f"tune worker failed: {message}")
 
 
-class _TrialProgress:
-    """A rich bar of finished trials with the best validation accuracy so far, on stderr."""
+def _show_best(bar: Bar, study: Any) -> None:
+    """Updates the trials bar: finished trials and the best validation accuracy so far."""
+    if bar.progress is None:
+        return
+    from optuna.trial import TrialState
 
-    def __init__(self, enabled: bool, total: int, done: int):
-        self.progress: Any = None
-        if not enabled:
-            return
-        import sys
-
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self.progress = Progress(TextColumn("[bold]tune"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[best]}"), TimeElapsedColumn(),
-                                 console=Console(file=sys.stderr))
-        self.task = self.progress.add_task("tune", total=total, completed=done, best="")
-        self.progress.start()
-
-    def update(self, study: Any) -> None:
-        if self.progress is None:
-            return
-        from optuna.trial import TrialState
-
-        finished = study.get_trials(deepcopy=False, states=_states())
-        values = [t.value for t in finished if t.state == TrialState.COMPLETE]
-        best = f"best val acc {max(values):.4f}" if values else ""
-        self.progress.update(self.task, completed=len(finished), best=best)
-
-    def close(self) -> None:
-        if self.progress is not None:
-            self.progress.stop()
+    finished = study.get_trials(deepcopy=False, states=_states())
+    values = [t.value for t in finished if t.state == TrialState.COMPLETE]
+    bar.update(completed=len(finished), best=f"best val acc {max(values):.4f}" if values else "")
 
 
 def summarize(study: Any, settings: TuneSettings) -> dict[str, Any]:

@@ -1,20 +1,11 @@
-"""Export a run's model to ONNX or a torch.export program, and prove the copy computes what the run's model does.
+"""The exported model formats, ONNX and torch.export programs (.pt2): write them, read them back, run them and
+compare them with the PyTorch model; used by `export`, `compress` and `serve`.
 
-The exported graph keeps the contract of `trainforge.load()`: raw uint8 images [N, C, H, W] in (normalization,
-resizing and channel adaptation inside the graph), logits out, with a dynamic batch axis. After writing, the file
-is loaded back (ONNX Runtime for ONNX) and compared with the PyTorch model on test images of the run's data set;
-an export whose logits differ by more than --atol or whose top-1 answers agree on fewer than --min-agreement of
-the images is an error, not a warning.
-
-Examples:
-  trainforge export runs/x --format onnx --out model.onnx
-  trainforge export runs/x --format onnx --opset 18 --out model.onnx --json
-  trainforge export runs/x --format pt2 --out model.pt2        # torch.export program: torch.export.load(...)
+Both keep the contract of `trainforge.load()`: raw uint8 images [N, C, H, W] in, logits out, dynamic batch axis.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import io
@@ -29,7 +20,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import config as cfg
 from .. import runs
 from ..errors import DeployError
 
@@ -38,24 +28,6 @@ FORMATS = ("onnx", "pt2")
 INFO_KEY = "trainforge.model_info"
 PT2_INFO_FILE = "model.json"
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
-DEFAULT_CHECK_IMAGES = 1000
-
-
-def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir", metavar="RUN_DIR", help="directory of a finished run")
-    parser.add_argument("--format", default="onnx", choices=FORMATS,
-                        help="onnx (ONNX Runtime, TensorRT, ...) or pt2 (a torch.export program) (default: onnx)")
-    parser.add_argument("--out", required=True, metavar="FILE", help="file to write")
-    parser.add_argument("--opset", type=int, default=None, metavar="N",
-                        help="ONNX opset version (default: the exporter's own, 18 or newer)")
-    parser.add_argument("--data-dir", help="root of the built-in data sets, for the parity check")
-    parser.add_argument("--check-images", type=int, default=DEFAULT_CHECK_IMAGES, metavar="N",
-                        help=f"test images compared between the export and the run's model "
-                             f"(default: {DEFAULT_CHECK_IMAGES})")
-    parser.add_argument("--atol", type=float, default=1e-4,
-                        help="largest allowed |logit difference| (default: 1e-4)")
-    parser.add_argument("--min-agreement", type=float, default=0.999,
-                        help="smallest allowed fraction of identical top-1 answers (default: 0.999)")
 
 
 def _batch_dim() -> Any:
@@ -200,55 +172,6 @@ def check_parity(reference: Callable[[np.ndarray], np.ndarray], candidate: Calla
     return {"images": len(images), "max_abs_diff": max_diff, "top1_agreement": agree / max(1, len(images))}
 
 
-def parity_images(run_dir: str | os.PathLike, count: int, data_dir: str | None = None) -> np.ndarray:
-    """The first `count` test images of the data set a run was trained on, as uint8 [N, C, H, W]."""
-    from ..data import load_data
-
-    saved = cfg.load_file(cfg.TrainConfig, Path(run_dir) / runs.CONFIG_FILE)
-    bundle = load_data(saved.data, data_dir or saved.data_dir, seed=saved.seed, image_size=saved.image_size,
-                       val_fraction=saved.val_fraction)
-    return bundle.test.images[:count].numpy()
-
-
-def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, format: str = "onnx", opset: int | None = None,
-               data_dir: str | None = None, check_images: int = DEFAULT_CHECK_IMAGES, atol: float = 1e-4,
-               min_agreement: float = 0.999) -> dict[str, Any]:
-    """Exports a run's model to `out` and checks it against the run's model on test images.
-
-    Raises DeployError (after removing `out`) when the export disagrees beyond `atol` / `min_agreement`.
-    """
-    if format not in FORMATS:
-        raise DeployError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
-    if check_images < 1:
-        raise DeployError(f"--check-images must be >= 1, got {check_images}")
-    if opset is not None and not 7 <= opset <= 30:
-        raise DeployError(f"--opset must be an ONNX opset version between 7 and 30, got {opset}")
-    out = Path(out)
-    if not out.parent.is_dir():
-        raise DeployError(f"--out {out}: directory {out.parent} does not exist")
-    model = runs.load(run_dir)
-    images = parity_images(run_dir, check_images, data_dir)
-    example = torch.from_numpy(images[:2])
-    result: dict[str, Any] = {"format": format, "out": str(out), "run_dir": str(run_dir)}
-    if format == "onnx":
-        result.update(export_onnx(model, out, example, opset, model.info))
-        candidate = onnx_predictor(onnx_session(out))
-        result["checked_with"] = "onnxruntime"
-    else:
-        result.update(export_program(model, out, example, model.info))
-        program = load_program(out)[0]
-        candidate = torch_predictor(program)
-        result["checked_with"] = "torch.export.load"
-    parity = check_parity(torch_predictor(model), candidate, images)
-    result.update(size_bytes=out.stat().st_size, parity=parity)
-    if parity["max_abs_diff"] > atol or parity["top1_agreement"] < min_agreement:
-        out.unlink(missing_ok=True)
-        raise DeployError(f"{out}: the export disagrees with the run's model on {parity['images']} test images "
-                          f"(max |logit difference| {parity['max_abs_diff']:.3g}, allowed {atol:g}; top-1 "
-                          f"agreement {parity['top1_agreement']:.2%}, required {min_agreement:.2%}); file removed")
-    return result
-
-
 def export_program(model: nn.Module, path: str | os.PathLike, example: torch.Tensor,
                    info: runs.ModelInfo | None = None) -> dict[str, Any]:
     """Writes `model` as a torch.export program (.pt2) with a dynamic batch axis and `info` as an extra file."""
@@ -278,16 +201,3 @@ def load_program(path: str | os.PathLike) -> tuple[nn.Module, runs.ModelInfo | N
         raise DeployError(f"{path}: not a readable torch.export program ({str(exc).splitlines()[0][:200]})") from None
     info = runs.ModelInfo(**json.loads(extra[PT2_INFO_FILE])) if extra[PT2_INFO_FILE] else None
     return program.module(), info
-
-
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    result = export_run(args.run_dir, args.out, args.format, args.opset, args.data_dir, args.check_images,
-                        args.atol, args.min_agreement)
-    if not (args.json or args.quiet):
-        parity = result["parity"]
-        opset = f" opset {result['opset']}," if result.get("opset") else ""
-        print(f"wrote {result['out']} ({result['size_bytes']:,} bytes, {result['format']},{opset} "
-              f"{result['exporter']} exporter)")
-        print(f"checked with {result['checked_with']} on {parity['images']} test images: max |logit difference| "
-              f"{parity['max_abs_diff']:.2e}, top-1 agreement {parity['top1_agreement']:.2%}")
-    return result

@@ -41,11 +41,11 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
-from .. import runs
-from ..errors import DeployError
+from . import runs
+from .errors import DeployError
 
 if TYPE_CHECKING:
-    from .app import Limits, Predictor
+    from .deploy.app import Limits, Predictor
 
 BACKENDS = ("auto", "onnxruntime", "torch")
 
@@ -74,8 +74,8 @@ def load_predictor(source: str | os.PathLike, backend: str = "auto", threads: in
                    probe_batch: int = 64) -> Predictor:
     """The model at `source` (run directory or .onnx) on the asked runtime; 'auto' times the candidates on a
     batch of `probe_batch` images and keeps the faster."""
-    from .app import Predictor
-    from .export import export_onnx, onnx_predictor, onnx_session, read_onnx_info, torch_predictor
+    from .deploy.app import Predictor
+    from .deploy.formats import export_onnx, onnx_predictor, onnx_session, read_onnx_info, torch_predictor
 
     if backend not in BACKENDS:
         raise DeployError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
@@ -120,9 +120,13 @@ def load_predictor(source: str | os.PathLike, backend: str = "auto", threads: in
         return Predictor(name, built[name], info)
     probe = np.random.default_rng(0).integers(0, 256, (probe_batch, info.in_channels, info.image_size,
                                                        info.image_size), dtype=np.uint8)
-    timings = {name: _median_seconds(fn, probe) for name, fn in built.items()}
-    fastest = min(timings, key=timings.get)
+    fastest = fastest_backend({name: _median_seconds(fn, probe) for name, fn in built.items()})
     return Predictor(fastest, built[fastest], info)
+
+
+def fastest_backend(seconds: dict[str, float]) -> str:
+    """The backend of the smallest median seconds per probe batch."""
+    return min(seconds, key=seconds.get)
 
 
 def _median_seconds(fn: Callable[[np.ndarray], np.ndarray], batch: np.ndarray, repeats: int = 7) -> float:
@@ -159,7 +163,7 @@ def serve(source: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, 
     """
     import uvicorn
 
-    from .app import Limits, create_app
+    from .deploy.app import Limits, create_app
 
     limits = limits or Limits()
     if max_batch < 1:
@@ -190,7 +194,7 @@ def serve(source: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, 
 
 
 def run(args: argparse.Namespace) -> None:
-    from .app import Limits
+    from .deploy.app import Limits
 
     limits = Limits(args.max_body_bytes, args.max_images, args.max_side)
     quiet = args.json or args.quiet

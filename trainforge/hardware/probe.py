@@ -1,24 +1,9 @@
-"""Show this machine's devices and, with --measure, its measured ceilings (cached for `bench` and training's MFU).
-
-Reported: the CPU (model, cores, ISA level, the threads torch uses) and every CUDA GPU (name, compute capability,
-memory, SM count, driver/CUDA/cuDNN/NCCL versions, bf16 and TF32 support, which GPUs can reach each other's memory
-directly, whether the CUDA multi-process service is running); Apple MPS when present. GPU fields are null on a
-machine without one.
-
---measure runs short micro-benchmarks (a few seconds per device): matmul FLOP/s per dtype (fp32 and bf16 on the CPU;
-fp32, tf32, bf16 and fp16 on a GPU), memory bandwidth of a large on-device copy (bytes read + written), and on CUDA
-host<->device copy bandwidth from pinned and from pageable memory. The result is cached per machine in
-$TRAINFORGE_CACHE (default ~/.cache/trainforge) and read by `trainforge bench` and by training's live MFU.
-
-Examples:
-  trainforge hw                     # what this machine has (and its cached ceilings, if measured)
-  trainforge hw --measure           # measure the ceilings and cache them
-  trainforge hw --measure --json    # the same, as one JSON object
+"""The hardware probe: what devices this machine has, and micro-benchmarks of their ceilings (matmul FLOP/s per
+dtype, memory and host<->device bandwidth), for `hw`, `bench`, `report` and training's live MFU.
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import os
 import platform
@@ -30,7 +15,8 @@ from typing import Any, Callable
 import torch
 
 from ..train.device import synchronize
-from . import cache
+from . import ceilings
+from .cpuinfo import read_cpuinfo
 
 # Matrix sides of the matmul ceiling: big enough that the kernel, not the call overhead, sets the rate (a 1024 fp32
 # matmul is 2 GFLOP, ~50 ms on two CPU cores; an 8192 one is 1.1 TFLOP, ~1 ms in bf16 on an H100-class GPU).
@@ -46,41 +32,19 @@ ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_bf16", "avx512_v
              "amx_bf16", "amx_int8", "asimd", "sve")
 
 
-def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--measure", action="store_true",
-                        help="run the micro-benchmarks (a few seconds per device) and cache their results")
-
-
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    report = inspect()
-    if args.measure:
-        show = not (args.json or args.quiet)
-        ceilings = measure_all(progress=show)
-        record = {"measured_at": timestamp(), "machine": report, "ceilings": ceilings}
-        report["cache_file"] = str(cache.write_cache(record))
-        report["measured_at"], report["ceilings"] = record["measured_at"], ceilings
-    else:
-        cached = cache.read_cache()
-        report["cache_file"] = str(cache.cache_path()) if cached else None
-        report["measured_at"] = cached["measured_at"] if cached else None
-        report["ceilings"] = cached["ceilings"] if cached else None
-    if not (args.json or args.quiet):
-        _print_report(report)
-    return report
-
-
 def inspect() -> dict[str, Any]:
     """Facts about the CPU, the CUDA GPUs (None without CUDA) and Apple MPS (None where absent); measures nothing."""
-    return {"host": socket.gethostname(), "machine_key": cache.machine_key(), "python": platform.python_version(),
+    return {"host": socket.gethostname(), "machine_key": ceilings.machine_key(), "python": platform.python_version(),
             "torch": torch.__version__, "cpu": cpu_info(), "cuda": cuda_info(), "mps": mps_info()}
 
 
 def cpu_info() -> dict[str, Any]:
     """Model, logical/physical/usable cores, ISA level and flags, and torch's CPU kernels and thread counts."""
-    flags, cores = _cpuinfo_flags_and_cores()
+    info = read_cpuinfo()
+    flags, cores = info.flags, info.physical_cores
     capability = getattr(torch.backends.cpu, "get_cpu_capability", None)
     return {
-        "model": cache.cpu_model(),
+        "model": info.model,
         "logical_cpus": os.cpu_count(),
         "physical_cores": cores or os.cpu_count(),
         "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
@@ -94,33 +58,13 @@ def cpu_info() -> dict[str, Any]:
     }
 
 
-def isa_level(flags: set[str]) -> str:
+def isa_level(flags: frozenset[str] | set[str]) -> str:
     """The widest vector/matrix extension the CPU reports: AMX > AVX-512 > AVX2 > AVX (x86), SVE > NEON (Arm)."""
     for flag, level in (("amx_tile", "AMX"), ("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX"),
                         ("sve", "SVE"), ("asimd", "NEON")):
         if flag in flags:
             return level
     return "baseline"
-
-
-def _cpuinfo_flags_and_cores() -> tuple[set[str], int | None]:
-    flags: set[str] = set()
-    pairs: set[tuple[str, str]] = set()
-    physical = "0"
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                key = key.strip()
-                if key in ("flags", "Features"):
-                    flags.update(value.split())
-                elif key == "physical id":
-                    physical = value.strip()
-                elif key == "core id":
-                    pairs.add((physical, value.strip()))
-    except OSError:
-        pass
-    return flags, len(pairs) or None
 
 
 def cuda_info() -> dict[str, Any] | None:
@@ -194,7 +138,7 @@ def matmul_dtypes(device: torch.device) -> list[str]:
 
 
 def measure_all(progress: bool = False, seconds: float = SECONDS_PER_FIGURE) -> dict[str, dict[str, Any]]:
-    """Ceilings of every device present, keyed like `cache.device_key` ('cpu', 'cuda:0', ...)."""
+    """Ceilings of every device present, keyed like `ceilings.device_key` ('cpu', 'cuda:0', ...)."""
     from rich.console import Console
 
     status = Console(stderr=True).status("measuring") if progress else None
@@ -204,8 +148,8 @@ def measure_all(progress: bool = False, seconds: float = SECONDS_PER_FIGURE) -> 
         results = {}
         for device in devices_present():
             if status:
-                status.update(f"measuring {cache.device_key(device)}")
-            results[cache.device_key(device)] = measure_device(device, seconds)
+                status.update(f"measuring {ceilings.device_key(device)}")
+            results[ceilings.device_key(device)] = measure_device(device, seconds)
         return results
     finally:
         if status:
@@ -295,58 +239,3 @@ def _sustained_rate(fn: Callable[[], Any], device: torch.device, seconds: float)
 def timestamp() -> str:
     """Now, in UTC, as ISO 8601 to the second."""
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
-
-def _print_report(report: dict[str, Any]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console()
-    cpu = report["cpu"]
-    console.print(f"[bold]{report['host']}[/bold]  python {report['python']}, torch {report['torch']}")
-    console.print(f"CPU  {cpu['model']}: {cpu['physical_cores']} cores ({cpu['logical_cpus']} logical, "
-                  f"{cpu['usable_cpus']} usable), {cpu['isa']} (torch kernels: {cpu['torch_cpu_capability']}), "
-                  f"torch uses {cpu['torch_threads']} threads")
-    cuda = report["cuda"]
-    if cuda is None:
-        console.print("CUDA none")
-    else:
-        console.print(f"CUDA driver {cuda['driver']}, runtime {cuda['runtime']}, cuDNN {cuda['cudnn']}, "
-                      f"NCCL {cuda['nccl']}, multi-process service {'on' if cuda['multi_process_service'] else 'off'}")
-        for d in cuda["devices"]:
-            console.print(f"  cuda:{d['index']} {d['name']}: compute {d['compute_capability']}, "
-                          f"{d['memory_gib']:.1f} GiB, {d['sm_count']} SMs, bf16 {'yes' if d['bf16'] else 'no'}, "
-                          f"TF32 {'yes' if d['tf32'] else 'no'}")
-        if len(cuda["devices"]) > 1:
-            pairs = [f"{i}->{j}" for i, row in enumerate(cuda["p2p"]) for j, ok in enumerate(row) if ok]
-            console.print(f"  peer access: {'; '.join(pairs) or 'none'}")
-    console.print(f"MPS  {'available' if report['mps'] else 'none'}")
-    if not report["ceilings"]:
-        console.print("ceilings: not measured yet (run `trainforge hw --measure`)")
-        return
-    table = Table(title=f"measured ceilings ({report['measured_at']})")
-    ceilings = report["ceilings"]
-    dtypes = [d for d in ("fp32", "tf32", "bf16", "fp16") if any(d in c["matmul_flops"] for c in ceilings.values())]
-    host = any("host_to_device" in c for c in ceilings.values())
-    columns = ["device", *[f"{d} matmul" for d in dtypes], "copy"]
-    columns += ["H2D pinned/pageable", "D2H pinned/pageable"] if host else []
-    for column in columns:
-        table.add_column(column, justify="right")
-    for name, c in ceilings.items():
-        row = [name, *[_si(c["matmul_flops"].get(d), "FLOP/s") for d in dtypes], _si(c["memory_bandwidth"], "B/s")]
-        if host:
-            row += [f"{_si(c[k]['pinned'], 'B/s')} / {_si(c[k]['pageable'], 'B/s')}" if k in c else "-"
-                    for k in ("host_to_device", "device_to_host")]
-        table.add_row(*row)
-    console.print(table)
-    console.print(f"cached in {report['cache_file']}")
-
-
-def _si(value: float | None, unit: str) -> str:
-    """1.23e13 -> '12.3 TFLOP/s': one format for a 2-core CPU and a GPU alike."""
-    if value is None:
-        return "-"
-    for scale, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M")):
-        if value >= scale:
-            return f"{value / scale:.1f} {prefix}{unit}"
-    return f"{value:.0f} {unit}"

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 import socket
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ import torch
 
 from .. import runs
 from ..errors import CheckpointError, ConfigError
+from .cpuinfo import read_cpuinfo
 
 FORMAT = 1
 
@@ -25,18 +25,6 @@ FORMAT = 1
 def cache_dir() -> Path:
     """`$TRAINFORGE_CACHE`, else `~/.cache/trainforge`."""
     return Path(os.environ.get("TRAINFORGE_CACHE") or Path.home() / ".cache" / "trainforge")
-
-
-def cpu_model() -> str:
-    """The CPU's marketing name from /proc/cpuinfo, else what the platform module knows."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def gpu_names() -> list[str]:
@@ -51,7 +39,7 @@ def machine_key() -> str:
     host = "".join(c if c.isalnum() or c in "-_." else "_" for c in socket.gethostname()) or "host"
     # The distinct GPU models, not the visible list: a job that sees a subset of identical GPUs (CUDA_VISIBLE_DEVICES)
     # is still on the measured machine.
-    facts = json.dumps([cpu_model(), os.cpu_count(), sorted(set(gpu_names())), torch.__version__])
+    facts = json.dumps([read_cpuinfo().model, os.cpu_count(), sorted(set(gpu_names())), torch.__version__])
     return f"{host}-{hashlib.sha256(facts.encode()).hexdigest()[:12]}"
 
 

@@ -1,0 +1,111 @@
+"""Loading a data set: a built-in IDX set by name or an image folder by path, into a DataBundle."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..errors import DataError
+from .loaders import balanced_subset
+from .sources import BUILTIN_DATASETS, ImageSet, load_builtin
+
+if TYPE_CHECKING:
+    from .folder import FolderDataset
+
+
+@dataclasses.dataclass
+class DataBundle:
+    """A training set, a test set and the facts a model needs about them."""
+
+    name: str
+    train: ImageSet
+    test: ImageSet
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    # Set when the training images are too many to hold: they are decoded from these files batch by batch, and
+    # `train.images` is then an empty [0, C, H, W] tensor that only records the shape.
+    stream: "FolderDataset | None" = None
+
+    @property
+    def classes(self) -> list[str]:
+        return self.train.classes
+
+    @property
+    def in_channels(self) -> int:
+        return self.train.images.shape[1]
+
+    @property
+    def image_size(self) -> int:
+        return self.train.images.shape[-1]
+
+
+def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of uint8 images, in [0, 1] units."""
+    x = images.float().div_(255).transpose(0, 1).reshape(images.shape[1], -1)
+    return tuple(x.mean(1).tolist()), tuple(x.std(1).clamp_min(1e-3).tolist())
+
+
+# Beyond this many bytes of decoded training images, `loader="auto"` streams a folder instead of holding it.
+RESIDENT_LIMIT_BYTES = 4 * 2 ** 30
+# Images decoded to estimate a streamed folder's mean and std.
+STATS_SAMPLE = 512
+
+
+def load_data(data: str, data_dir: str | None = None, *, subset: int | None = None, seed: int = 0,
+              image_size: int | None = None, val_fraction: float = 0.1, loader: str = "auto") -> DataBundle:
+    """Loads a built-in data set by name, or an image folder by path.
+
+    Built-in sets and folders that fit are held in memory as uint8; with `loader="streaming"` (or `"auto"` and a
+    folder larger than RESIDENT_LIMIT_BYTES decoded) the training images stay on disk and are decoded per batch.
+    """
+    if data in BUILTIN_DATASETS:
+        train, test = load_builtin(data, data_dir)
+        info = BUILTIN_DATASETS[data]
+        bundle = DataBundle(data, train, test, (info.mean,), (info.std,))
+    elif Path(data).is_dir():
+        bundle = _load_folder(data, image_size=image_size, val_fraction=val_fraction, seed=seed, subset=subset,
+                              loader=loader)
+        subset = None
+    else:
+        raise DataError(f"data {data!r} is neither a built-in data set ({', '.join(BUILTIN_DATASETS)}) "
+                        f"nor an existing folder")
+    if subset is not None:
+        if subset > len(bundle.train.labels):
+            raise DataError(f"--subset {subset} exceeds the {len(bundle.train.labels)} training images of {data}")
+        idx = balanced_subset(bundle.train.labels, subset, seed)
+        bundle.train = ImageSet(bundle.train.images[idx], bundle.train.labels[idx], bundle.train.classes)
+    return bundle
+
+
+def _load_folder(path: str, *, image_size: int | None, val_fraction: float, seed: int, subset: int | None,
+                 loader: str) -> DataBundle:
+    from .folder import (FolderDataset, decode_files, estimate_folder_bytes, infer_image_format, scan_image_folder,
+                         split_stratified)
+
+    train_files, val_files, classes = scan_image_folder(path)
+    if val_files is None:
+        train_files, val_files = split_stratified(train_files, val_fraction, seed)
+    if not val_files:
+        raise DataError(f"{path}: no images left for evaluation (add a val/ folder or raise --val-fraction)")
+    if subset is not None:
+        if subset > len(train_files):
+            raise DataError(f"--subset {subset} exceeds the {len(train_files)} training images of {path}")
+        labels = torch.tensor([label for _, label in train_files])
+        train_files = [train_files[i] for i in balanced_subset(labels, subset, seed).tolist()]
+    channels, size = infer_image_format(train_files, image_size=image_size)
+    test = decode_files(val_files, size, channels, classes)
+    stream = loader == "streaming" or (
+        loader == "auto" and estimate_folder_bytes(train_files, size, channels) > RESIDENT_LIMIT_BYTES)
+    if not stream:
+        train = decode_files(train_files, size, channels, classes)
+        mean, std = channel_stats(train.images)
+        return DataBundle(path, train, test, mean, std)
+    labels = torch.tensor([label for _, label in train_files], dtype=torch.int64)
+    step = max(1, len(train_files) // STATS_SAMPLE)
+    mean, std = channel_stats(decode_files(train_files[::step], size, channels, classes).images)
+    shape_only = torch.empty((0, channels, *size), dtype=torch.uint8)
+    return DataBundle(path, ImageSet(shape_only, labels, classes), test, mean, std,
+                      stream=FolderDataset(train_files, size, channels))

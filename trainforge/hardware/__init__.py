@@ -1,0 +1,1 @@
+"""What the machine can do: the device probe and ceiling micro-benchmarks, their per-machine cache, FLOP counts."""

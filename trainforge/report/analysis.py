@@ -1,0 +1,138 @@
+"""What a report shows about a run: its record, its model's predictions on its evaluation split, the figures,
+and this machine's hardware."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import config as cfg
+from .. import runs
+from ..errors import DataError
+
+# Misclassified images shown per run, the most confidently wrong first.
+WORST_IMAGES = 16
+
+
+@dataclasses.dataclass
+class RunAnalysis:
+    """What the report shows about one run: its record and its model's predictions on its evaluation set."""
+
+    label: str
+    run_dir: str
+    config: cfg.TrainConfig
+    summary: dict[str, Any]
+    metrics: list[dict[str, Any]]
+    split: str                       # "test", or "validation" for --holdout runs
+    classes: list[str]
+    confusion: torch.Tensor          # int64 [true, predicted]
+    accuracy: float
+    worst_images: torch.Tensor       # uint8 [N, C, H, W]
+    worst_true: list[str]
+    worst_predicted: list[str]
+    worst_confidence: list[float]
+
+    @property
+    def per_class_accuracy(self) -> torch.Tensor:
+        return self.confusion.diagonal().double() / self.confusion.sum(1).clamp_min(1)
+
+
+@torch.inference_mode()
+def analyze_run(run_dir: str | Path, label: str, *, data_dir: str | None = None,
+                device: torch.device = torch.device("cpu"), batch_size: int = 2000,
+                worst: int = WORST_IMAGES) -> RunAnalysis:
+    """Reads a run's record and evaluates its model on the evaluation set it was trained against."""
+    run_dir = Path(run_dir)
+    model = runs.load(run_dir, device)
+    summary_path = run_dir / runs.SUMMARY_FILE
+    try:
+        summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{summary_path}: not valid JSON ({exc})") from None
+    run_data = runs.load_run_data(run_dir, data_dir)
+    config, dataset = run_data.config, run_data.dataset
+    classes = list(model.classes)
+    if len(dataset.classes) > len(classes):
+        raise DataError(f"{dataset.name} has {len(dataset.classes)} classes but the model of {run_dir} predicts "
+                        f"{len(classes)}")
+    images, labels = run_data.evaluation.images, run_data.evaluation.labels
+    probs = torch.cat([model(images[i:i + batch_size].to(device)).float().softmax(1).cpu()
+                       for i in range(0, len(labels), batch_size)])
+    predicted = probs.argmax(1)
+    k = len(classes)
+    confusion = torch.bincount(labels * k + predicted, minlength=k * k).view(k, k)
+    wrong = torch.nonzero(predicted != labels).flatten()
+    # Most confidently wrong first: the lowest probability given to the true class.
+    order = wrong[probs[wrong, labels[wrong]].argsort()][:worst]
+    return RunAnalysis(
+        label=label, run_dir=str(run_dir), config=config, summary=summary, metrics=runs.read_metrics(run_dir),
+        split="validation" if config.holdout else "test", classes=classes, confusion=confusion,
+        accuracy=float((predicted == labels).double().mean()) if len(labels) else float("nan"),
+        worst_images=images[order], worst_true=[classes[i] for i in labels[order].tolist()],
+        worst_predicted=[classes[i] for i in predicted[order].tolist()],
+        worst_confidence=probs[order, predicted[order]].tolist())
+
+
+def build_figures(analyses: list[RunAnalysis]) -> list[tuple[str, str, bytes]]:
+    """(section, caption, PNG) of every plot: the shared curves first, then each run's own plots."""
+    from . import plots
+
+    curves = [(a.label, a.metrics, a.split) for a in analyses]
+    figures = [("curves", "Loss per epoch", plots.loss_curves(curves)),
+               ("curves", "Accuracy per epoch", plots.accuracy_curves(curves)),
+               ("curves", "Training throughput", plots.throughput(curves))]
+    if all(a.classes == analyses[0].classes for a in analyses):
+        figures.append(("classes", "Per-class accuracy",
+                        plots.per_class_accuracy([(a.label, a.per_class_accuracy) for a in analyses],
+                                                 analyses[0].classes)))
+    else:
+        figures += [("classes", f"Per-class accuracy: {a.label}",
+                     plots.per_class_accuracy([(a.label, a.per_class_accuracy)], a.classes)) for a in analyses]
+    for a in analyses:
+        figures.append(("classes", f"Confusion matrix: {a.label} ({a.split} set)",
+                        plots.confusion_matrix(a.confusion, a.classes, f"{a.label}: {a.split} set")))
+        figures.append(("worst", f"Most confidently misclassified {a.split} images: {a.label}",
+                        plots.worst_images(a.worst_images, a.worst_true, a.worst_predicted, a.worst_confidence,
+                                           f"{a.label}: predicted (confidence) / true")))
+    return figures
+
+
+def hardware_summary() -> dict[str, Any]:
+    """This machine: torch, CPU and accelerators, with the measured ceilings of `trainforge hw --measure` if cached."""
+    from ..hardware import ceilings, probe
+
+    facts = probe.inspect()
+    cpu = facts["cpu"]
+    rows = {"host": facts["host"], "python": facts["python"], "torch": facts["torch"],
+            "platform": platform.platform(), "CPU": cpu["model"],
+            "CPU cores (physical / logical / usable)": f"{cpu['physical_cores']} / {cpu['logical_cpus']} / "
+                                                       f"{cpu['usable_cpus']}",
+            "CPU ISA": cpu["isa"], "torch threads": cpu["torch_threads"]}
+    if facts["cuda"]:
+        for gpu in facts["cuda"]["devices"]:
+            rows[f"cuda:{gpu['index']}"] = (f"{gpu['name']}, {gpu['memory_gib']:.0f} GiB, compute capability "
+                                            f"{gpu['compute_capability']}, {gpu['sm_count']} SMs")
+        rows["CUDA / cuDNN / driver"] = (f"{facts['cuda']['runtime']} / {facts['cuda']['cudnn']} / "
+                                         f"{facts['cuda']['driver']}")
+    else:
+        rows["GPU"] = "none"
+    if facts["mps"]:
+        rows["MPS"] = "available"
+    cached = ceilings.read_cache()
+    if cached:
+        for device, measured in cached["ceilings"].items():
+            matmul = measured.get("matmul_flops") if isinstance(measured, dict) else None
+            if isinstance(matmul, dict):
+                rows[f"{device} matmul ceiling"] = ", ".join(f"{dtype} {value / 1e12:.2f} TFLOP/s"
+                                                              for dtype, value in matmul.items()
+                                                              if isinstance(value, (int, float)))
+            bandwidth = measured.get("memory_bandwidth") if isinstance(measured, dict) else None
+            if isinstance(bandwidth, (int, float)):
+                rows[f"{device} memory bandwidth"] = f"{bandwidth / 1e9:.1f} GB/s"
+        rows["ceilings measured at"] = cached.get("measured_at")
+    return rows

@@ -1,0 +1,84 @@
+"""The report's self-contained HTML page: tables, and the figures embedded as PNG."""
+
+from __future__ import annotations
+
+import base64
+import html
+from typing import Any
+
+from .analysis import RunAnalysis
+
+CSS = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
+h1 { font-size: 1.5em; } h2 { font-size: 1.2em; border-bottom: 1px solid #ddd; padding-bottom: .2em; }
+table { border-collapse: collapse; margin: .5em 0 1.5em; font-size: .9em; }
+th, td { border: 1px solid #ddd; padding: .3em .6em; text-align: left; vertical-align: top; }
+th { background: #f4f4f4; }
+figure { margin: 1em 0 2em; } figcaption { color: #555; font-size: .9em; }
+img { max-width: 100%; }
+"""
+
+RUN_FIELDS = (("model", "model"), ("data", "data"), ("subset", "subset"), ("epochs", "epochs"),
+              ("batch size", "batch_size"), ("optimizer", "optimizer"), ("lr", "lr"),
+              ("weight decay", "weight_decay"), ("schedule", "schedule"), ("augment", "augment"),
+              ("width", "width"), ("seed", "seed"))
+
+
+def render_html(analyses: list[RunAnalysis], figures: list[tuple[str, str, bytes]],
+                hardware: dict[str, Any]) -> str:
+    """The whole report as one HTML document; images are inline data: URIs."""
+    esc = html.escape
+    title = "trainforge report: " + ", ".join(a.label for a in analyses)
+    parts = [f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{esc(title)}</title>"
+             f"<style>{CSS}</style></head><body>", f"<h1>{esc(title)}</h1>", "<h2>Runs</h2>"]
+    header = ["", *[esc(a.label) for a in analyses]]
+    body = [["run directory", *[esc(a.run_dir) for a in analyses]],
+            ["evaluated on", *[f"{a.split} set, {int(a.confusion.sum())} images" for a in analyses]],
+            ["accuracy (now)", *[f"{100 * a.accuracy:.2f}%" for a in analyses]],
+            ["accuracy (at the end of training)",
+             *[_pct(a.summary.get("test_acc")) for a in analyses]],
+            ["training time", *[_seconds(a.summary.get("train_seconds")) for a in analyses]],
+            ["samples / s", *[_number(a.summary.get("samples_per_second")) for a in analyses]],
+            ["device, precision", *[esc(f"{a.summary.get('device', '?')}, {a.summary.get('precision', '?')}")
+                                    for a in analyses]]]
+    for name, field in RUN_FIELDS:
+        body.append([name, *[esc(_value(getattr(a.config, field))) for a in analyses]])
+    parts.append(_table(header, body))
+    sections = {"curves": "Training curves", "classes": "Classes", "worst": "Worst-classified images"}
+    for key, heading in sections.items():
+        chosen = [(caption, png) for section, caption, png in figures if section == key]
+        if chosen:
+            parts.append(f"<h2>{heading}</h2>")
+        for caption, png in chosen:
+            data = base64.b64encode(png).decode("ascii")
+            parts.append(f"<figure><img src=\"data:image/png;base64,{data}\" alt=\"{esc(caption)}\">"
+                         f"<figcaption>{esc(caption)}</figcaption></figure>")
+    parts.append("<h2>Hardware (the machine that made this report)</h2>")
+    parts.append(_table(["", "value"], [[esc(k), esc(str(v))] for k, v in hardware.items()]))
+    parts.append("</body></html>\n")
+    return "\n".join(parts)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{h}</th>" for h in header)
+    body = "".join("<tr>" + f"<th>{row[0]}</th>" + "".join(f"<td>{c}</td>" for c in row[1:]) + "</tr>"
+                   for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _value(value: Any) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _pct(value: Any) -> str:
+    return f"{100 * value:.2f}%" if isinstance(value, (int, float)) else "?"
+
+
+def _seconds(value: Any) -> str:
+    return f"{value:.1f} s" if isinstance(value, (int, float)) else "?"
+
+
+def _number(value: Any) -> str:
+    return f"{value:,.0f}" if isinstance(value, (int, float)) else "?"
