@@ -24,6 +24,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "predict": ("trainforge.predict", "classify image files (PNG/JPEG/.npy) with a run's model"),
     "models": ("trainforge.models.command", "list the registered models and recipes"),
     "finetune": ("trainforge.finetune.command", "fine-tune a pretrained model (full, linear probe, LoRA, gradual; --update)"),
+    "fewshot": ("trainforge.fewshot.command", "a classifier from K images per class: prototypes on a pretrained encoder"),
     "export": ("trainforge.deploy.export", "export a run's model to ONNX or a torch.export program, parity-checked"),
     "serve": ("trainforge.deploy.serve", "serve a model over HTTP with dynamic batching (FastAPI + uvicorn)"),
     "compress": ("trainforge.compress.command", "prune, distill and quantize a run's model, with a speed/size report"),

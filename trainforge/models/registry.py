@@ -174,5 +174,7 @@ def build_classifier(name: str, num_classes: int, in_channels: int, image_size: 
 
 
 def _load_builtin_families() -> None:
-    # Imported lazily so that importing the registry stays cheap and free of import cycles.
+    # Imported lazily so that importing the registry stays cheap and free of import cycles; fewshot last, as it
+    # registers a twin of every architecture registered before it.
     from . import pretrained, small, torchvision_zoo  # noqa: F401
+    from . import fewshot  # noqa: F401
