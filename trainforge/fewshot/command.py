@@ -101,15 +101,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _print(result: dict[str, Any]) -> None:
-    line = (f"{result['classes']} prototypes ({result['shots']} shots each) on {result['encoder']} features "
-            f"({result['features']}-d, {result['image_size']} px), made in {result['build_seconds']:.1f} s; "
-            f"accuracy {result['test_acc']:.4f} on {result['test_samples']} {result['data']} test images")
+    added = result.get("added_classes")
+    made = (f"{added} classes added to {result['source']} ({result['classes']} in all)" if added
+            else f"{result['classes']} prototypes on {result['encoder']} features")
+    line = (f"{made}, {result['shots']} shots each ({result['features']}-d, {result['image_size']} px), in "
+            f"{result['build_seconds']:.1f} s; accuracy {result['test_acc']:.4f} on {result['test_samples']} "
+            f"{result['data']} test images")
     if result.get("adapt"):
         a = result["adapt"]
         line += f"; --adapt: loss on the shots {a['loss_before']:.3f} -> {a['loss_after']:.3f}"
-    if result.get("added_classes"):
+    if added:
         line += (f"; old classes {result['old_acc_before']:.4f} -> {result['old_acc_after']:.4f} on "
-                 f"{result['old_test_samples']} of their test images")
+                 f"{result['old_test_samples']} of their {result['old_data']} test images")
     print(f"{line}; run saved to {result['run_dir']}")
     for e in result["episodes"]:
         print(f"  {e['ways']}-way {e['shots']}-shot, {e['episodes']} episodes of {e['queries']} queries per class: "
@@ -152,6 +155,8 @@ def _check(options: FewshotConfig) -> list[int]:
                           f"--episodes E (the classifier is made from the largest)")
     if options.add and options.adapt:
         raise ConfigError("--adapt changes the prototypes and --add keeps the old ones as they are: use one")
+    if options.ways and not options.episodes:
+        raise ConfigError(f"--ways {options.ways} sets the classes of each episode: add --episodes E")
     if options.lora_rank and not options.adapt:
         raise ConfigError("--lora-rank applies to --adapt")
     return shots
