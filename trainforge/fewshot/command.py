@@ -320,9 +320,10 @@ def _write_run(env: _Env, model: torch.nn.Module, encoder: encoders.Encoder, cla
                           image_size=image_size, mean=list(source.mean), std=list(source.std), width=width,
                           extra={"fewshot": record})
     # What `eval`, `report` and `export` read to find the data again; `train --config` would train it anew.
-    config = cfg.TrainConfig(data=env.bundle.name, data_dir=options.data_dir, image_size=options.image_size, model=arch, width=width,
-                             val_fraction=options.val_fraction, seed=options.seed, device=options.device,
-                             precision=options.precision, out=str(run_dir), tensorboard=False)
+    config = cfg.TrainConfig(data=env.bundle.name, data_dir=options.data_dir, image_size=options.image_size,
+                             model=arch, width=width, val_fraction=options.val_fraction, seed=options.seed,
+                             device=options.device, precision=options.precision, out=str(run_dir),
+                             tensorboard=False)
     runs.save_weights(run_dir / runs.MODEL_FILE, model.state_dict())
     runs.write_text(run_dir / runs.CONFIG_FILE, cfg.dumps(config))
     runs.write_json(run_dir / runs.MODEL_INFO, dataclasses.asdict(info))
