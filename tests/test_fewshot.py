@@ -181,7 +181,8 @@ def test_cli_fewshot_json_with_episodes_then_eval_and_report(small_cnn_run, fash
     for args, message in ((["--shots", "2.5"], "--shots expects whole numbers"),
                           (["--shots", "1", "5"], "several --shots values (1, 5) are measured by episodes"),
                           (["--image-size", "64"], "takes its own resolution, 28 px"),
-                          (["--lora-rank", "4"], "--lora-rank applies to --adapt")):
+                          (["--lora-rank", "4"], "--lora-rank applies to --adapt"),
+                          (["--episodes", "5", "--pool", "20", "--shots", "10"], "need at least 25 images per class")):
         assert main(["fewshot", "--from", str(small_cnn_run), *args, "--out", str(tmp_path / "x")]) == 2
         err = capsys.readouterr().err
         assert err.startswith("trainforge fewshot: error: ") and message in err and err.count("\n") == 1

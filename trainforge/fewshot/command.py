@@ -139,6 +139,14 @@ def fewshot(options: FewshotConfig | dict[str, Any], *, data: DataBundle | None 
     precision = resolve_precision(options.precision, device)
     bundle = data or load_data(options.data, options.data_dir, seed=options.seed, image_size=options.image_size,
                                val_fraction=options.val_fraction)
+    if options.episodes:  # what the episodes need, before any image is embedded
+        classes = len(bundle.classes)
+        if not 2 <= (options.ways or classes) <= classes:
+            raise ConfigError(f"--ways {options.ways}: episodes need between 2 and the {classes} classes of "
+                              f"{bundle.name}")
+        if options.pool and options.pool < shots[-1] + options.queries:
+            raise ConfigError(f"--pool {options.pool}: {shots[-1]}-shot episodes with {options.queries} queries "
+                              f"need at least {shots[-1] + options.queries} images per class")
     env = _Env(options, shots, bundle, device, precision)
     return _extend(env, old_data, progress) if options.add else _create(env, progress)
 
