@@ -496,7 +496,7 @@ def test_malicious_checkpoints_are_refused_through_the_cli(tmp_path, small_run, 
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("verb", ["eval", "predict", "finetune", "compress", "export", "serve", "report"])
+@pytest.mark.parametrize("verb", ["eval", "predict", "finetune", "fewshot", "compress", "export", "serve", "report"])
 def test_every_verb_that_reads_a_run_refuses_malicious_weights(tmp_path, small_run, capsys, verb):
     if verb not in cli.VERBS:
         pytest.skip(f"no {verb} verb in this tree")
@@ -509,6 +509,7 @@ def test_every_verb_that_reads_a_run_refuses_malicious_weights(tmp_path, small_r
     (run / runs.MODEL_FILE).write_bytes(named.read_bytes())
     out = str(tmp_path / "out")
     args = {"predict": [str(run), str(tmp_path / "x.png")], "finetune": ["--from", str(run), "--out", out],
+            "fewshot": ["--from", str(run), "--out", out],
             "compress": [str(run), "--prune", "0.5", "--out", out],
             "export": [str(run), "--out", out + ".onnx"]}.get(verb, [str(run)])
     status, err = cli_main(capsys, verb, *args)

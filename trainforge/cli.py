@@ -25,6 +25,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "models": ("trainforge.models.command", "list the registered models and recipes"),
     "datasets": ("trainforge.datasets", "show which built-in data sets are here, from where, and whether they verify"),
     "finetune": ("trainforge.finetune.command", "fine-tune a pretrained model (full, linear probe, LoRA, gradual; --update)"),
+    "fewshot": ("trainforge.fewshot.command", "a classifier from K images per class: prototypes on a pretrained encoder"),
     "export": ("trainforge.export", "export a run's model to ONNX or a torch.export program, parity-checked"),
     "serve": ("trainforge.serve", "serve a model over HTTP with dynamic batching (FastAPI + uvicorn)"),
     "compress": ("trainforge.compress.command", "prune, distill and quantize a run's model, with a speed/size report"),

@@ -85,9 +85,12 @@ class TrainConfig:
                          choices=("auto", "device", "streaming"))
     workers: int = option(2, "worker processes of the streaming loader", low=0)
     checkpoint_every: int | None = option(None, "also checkpoint every N optimizer steps", positive=True)
-    checkpoint_minutes: float | None = option(None, "also checkpoint every M minutes", positive=True)
+    checkpoint_minutes: float | None = option(10.0, "also checkpoint every M minutes, so a crash loses at most that "
+                                                    "(0 turns it off)", low=0.0)
     skip_nonfinite: bool = option(False, "skip steps whose loss or gradients are NaN/Inf instead of stopping")
-    out: str | None = option(None, "run directory (default: runs/<timestamp>)")
+    out: str | None = option(None, "run directory (default: runs/<timestamp>); one that holds a run is refused "
+                                   "unless --overwrite")
+    overwrite: bool = option(False, "replace the run already in --out (default: refuse, and suggest --resume)")
     tensorboard: bool = option(True, "write TensorBoard event files into the run directory")
 
 

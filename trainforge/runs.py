@@ -226,6 +226,19 @@ def _inode(path: Path) -> int | None:
         return None
 
 
+def default_run_dir() -> Path:
+    """runs/<timestamp>, with a suffix if that exists already."""
+    import datetime
+
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = Path("runs") / stamp
+    suffix = 1
+    while path.exists():
+        path = Path("runs") / f"{stamp}-{suffix}"
+        suffix += 1
+    return path
+
+
 def prepare_run_dir(run_dir: Path, *, overwrite: bool = False, resuming: bool = False) -> RunLock:
     """Creates (or reuses) `run_dir` and claims it; a directory that already holds a run is refused unless
     `overwrite` (which removes that run's files first) or `resuming` it. Clears temporaries a killed run left."""

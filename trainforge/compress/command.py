@@ -136,7 +136,8 @@ class _Job:
                                      subset=None, target_acc=None, compile=False, checkpoint_every=None,
                                      checkpoint_minutes=None, tensorboard=False, device=options.device)
         with tempfile.TemporaryDirectory() as tmp:
-            config = dataclasses.replace(config, out=str(keep or Path(tmp) / name))
+            # The fine-tuned variants are this command's own outputs, replaced when it runs again into --out.
+            config = dataclasses.replace(config, out=str(keep or Path(tmp) / name), overwrite=True)
             result = train(config, data=self.data, hooks=Hooks(model=module, model_info=self.info, loss_fn=loss_fn),
                            progress=options.progress)
         module.cpu().eval()

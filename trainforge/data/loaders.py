@@ -19,6 +19,12 @@ if TYPE_CHECKING:
     from .loading import DataBundle
 
 
+def augment_seed(seed: int, epoch: int, step: int) -> int:
+    """The seed of one batch's augmentation draws: a function of (seed, epoch, step) only, so that a resumed epoch
+    sees the same draws; wrapped to 64 bits, the widest seed a generator takes."""
+    return ((seed * 1_000_003 + epoch) * 100_003 + step) % 2 ** 64
+
+
 def balanced_subset(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:
     """Indices of a seeded subset of `n` samples with the classes as equally represented as they allow."""
     classes = torch.unique(labels)
@@ -137,7 +143,7 @@ class DeviceLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = len(self.labels)
-        self.generator.manual_seed(self.seed * 1_000_003 + self.epoch)
+        self.generator.manual_seed((self.seed * 1_000_003 + self.epoch) % 2 ** 64)
         if self.shuffle:
             order = torch.randperm(n, device=self.device, generator=self.generator)
         else:
@@ -151,8 +157,7 @@ class DeviceLoader:
             # index_select is an order of magnitude faster than advanced indexing for a row gather on the CPU.
             images = self.images.index_select(0, idx)
             if self.augment != "none":
-                # Wrapped to 64 bits, the widest seed a generator takes (large --seed values overflow otherwise).
-                aug_gen.manual_seed(((self.seed * 1_000_003 + self.epoch) * 100_003 + step) % 2 ** 64)
+                aug_gen.manual_seed(augment_seed(self.seed, self.epoch, step))
                 images = augment_batch(images, self.augment, aug_gen)
             yield images, self.labels.index_select(0, idx)
 
@@ -198,7 +203,7 @@ class _StreamingTrainLoader:
         for step, (images, labels) in enumerate(itertools.islice(self.loader, self.start_step, None),
                                                 start=self.start_step):
             if self.augment != "none":
-                generator.manual_seed((self.seed * 1_000_003 + self.epoch) * 100_003 + step)
+                generator.manual_seed(augment_seed(self.seed, self.epoch, step))
                 images = augment_batch(images, self.augment, generator)
             yield images, labels
 

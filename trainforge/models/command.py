@@ -20,9 +20,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         from rich.console import Console
         from rich.table import Table
 
+        from .fewshot import PREFIX
+
         table = Table("model", "default recipe", "description", title="registered models")
         for m in models:
-            table.add_row(m["name"], m["recipe"], m["description"])
+            if not m["name"].startswith(PREFIX):  # one twin per model: summarised below the table
+                table.add_row(m["name"], m["recipe"], m["description"])
         Console().print(table)
+        print(f"{PREFIX}<model>: the few-shot prototype classifier on each model above (made by `trainforge fewshot`)")
         print("recipes: " + ", ".join(sorted(RECIPES)))
     return {"models": models, "recipes": sorted(RECIPES)}

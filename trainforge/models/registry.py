@@ -179,5 +179,7 @@ def count_params(module: nn.Module, trainable_only: bool = False) -> int:
 
 
 def _load_builtin_families() -> None:
-    # Imported lazily so that importing the registry stays cheap and free of import cycles.
+    # Imported lazily so that importing the registry stays cheap and free of import cycles; fewshot last, as it
+    # registers a twin of every architecture registered before it.
     from . import pretrained, small, torchvision_zoo  # noqa: F401
+    from . import fewshot  # noqa: F401

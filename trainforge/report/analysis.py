@@ -86,6 +86,9 @@ def build_figures(analyses: list[RunAnalysis]) -> list[tuple[str, str, bytes]]:
     figures = [("curves", "Loss per epoch", plots.loss_curves(curves)),
                ("curves", "Accuracy per epoch", plots.accuracy_curves(curves)),
                ("curves", "Training throughput", plots.throughput(curves))]
+    episodic = [(a.label, a.summary["episodes"]) for a in analyses if a.summary.get("episodes")]
+    if episodic:  # few-shot runs measured with --episodes
+        figures.append(("fewshot", "Few-shot accuracy against shots per class", plots.fewshot_accuracy(episodic)))
     if all(a.classes == analyses[0].classes for a in analyses):
         figures.append(("classes", "Per-class accuracy",
                         plots.per_class_accuracy([(a.label, a.per_class_accuracy) for a in analyses],

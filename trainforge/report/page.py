@@ -44,7 +44,8 @@ def render_html(analyses: list[RunAnalysis], figures: list[tuple[str, str, bytes
     for name, field in RUN_FIELDS:
         body.append([name, *[esc(_value(getattr(a.config, field))) for a in analyses]])
     parts.append(_table(header, body))
-    sections = {"curves": "Training curves", "classes": "Classes", "worst": "Worst-classified images"}
+    sections = {"curves": "Training curves", "fewshot": "Few-shot episodes", "classes": "Classes",
+                "worst": "Worst-classified images"}
     for key, heading in sections.items():
         chosen = [(caption, png) for section, caption, png in figures if section == key]
         if chosen:

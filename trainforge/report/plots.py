@@ -172,3 +172,23 @@ def worst_images(images: torch.Tensor, true: Sequence[str], predicted: Sequence[
         ax.set_title(f"pred {predicted[i]} ({confidence[i]:.2f})\ntrue {true[i]}", fontsize=8, color="firebrick")
         ax.axis("off")
     return _png(fig)
+
+
+def fewshot_accuracy(runs: Sequence[tuple[str, list[dict[str, Any]]]]) -> bytes:
+    """Episodic accuracy against shots per class (K) of each (label, episode records) few-shot run: SimpleShot as a
+    solid line, the plain mean dashed, each with its 95% confidence interval as error bars."""
+    fig = _figure(7, 4)
+    ax = fig.add_subplot()
+    for i, (label, records) in enumerate(runs):
+        records = sorted(records, key=lambda r: r["shots"])
+        shots = [r["shots"] for r in records]
+        for key, style, name in (("simpleshot", "-", "SimpleShot"), ("plain_mean", "--", "plain mean")):
+            ax.errorbar(shots, [100 * r[key]["mean"] for r in records], yerr=[100 * r[key]["ci95"] for r in records],
+                        fmt=style, marker="o", capsize=3, color=_color(i), label=f"{label} {name}")
+    ways = sorted({r["ways"] for _, records in runs for r in records})
+    ax.set_xscale("log")
+    ax.set_xticks(sorted({r["shots"] for _, records in runs for r in records}))
+    ax.xaxis.set_major_formatter("{x:.0f}")
+    _finish_curves(ax, True, "episodes", xlabel="shots per class (K)", ylabel="accuracy (%)",
+                   title=f"Few-shot accuracy, {'/'.join(map(str, ways))}-way episodes (95% CI)")
+    return _png(fig)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import datetime
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -12,12 +12,14 @@ from torch import nn
 
 from .. import config as cfg
 from .. import runs
-from ..errors import CheckpointError, ConfigError, TrainingError, deprecated
+from ..errors import CheckpointError, TrainingError, deprecated
 from . import distributed
 
 # Format 1 kept the loop's counters in a "position" dict whose step count was named "global_step".
 FORMAT = 2
 _LEGACY_COUNTER_NAMES = {"global_step": "step"}
+# Steps between looks at the clock for time-based checkpoints in a multi-process job.
+TIME_CHECK_STEPS = 8
 COUNTER_TYPES = {"epoch": int, "step_in_epoch": int, "step": int, "elapsed": (int, float), "skips": int,
                  "loss_sum": (int, float), "loss_count": int}
 
@@ -25,7 +27,8 @@ COUNTER_TYPES = {"epoch": int, "step_in_epoch": int, "step": int, "elapsed": (in
 class Checkpointer:
     """Writes `state.pt` at epoch ends and every N steps / M minutes, atomically; only rank 0 writes."""
 
-    def __init__(self, run_dir: Path, config: cfg.TrainConfig, enabled: bool, last_step: int | None = None):
+    def __init__(self, run_dir: Path, config: cfg.TrainConfig, enabled: bool, last_step: int | None = None, *,
+                 device: torch.device = torch.device("cpu"), world: int = 1):
         self.run_dir = run_dir
         self.config = config
         self.enabled = enabled
@@ -33,11 +36,18 @@ class Checkpointer:
         self.every_seconds = config.checkpoint_minutes * 60 if config.checkpoint_minutes else None
         self.last_time = time.monotonic()
         self.last_step = last_step
+        self.device = device
+        # Several processes look at rank 0's clock, at a step count all of them share: a broadcast every step
+        # would cost a collective per step for a decision needed every few minutes.
+        self.clock_every = 1 if world == 1 else TIME_CHECK_STEPS
 
     def due(self, step: int) -> bool:
+        """Whether to checkpoint after `step`; the same answer on every process of a job."""
         if self.every_steps and step % self.every_steps == 0:
             return True
-        return bool(self.every_seconds and time.monotonic() - self.last_time >= self.every_seconds)
+        if not self.every_seconds or step % self.clock_every:
+            return False
+        return distributed.agree_with_rank0(time.monotonic() - self.last_time >= self.every_seconds, self.device)
 
     def describe_last(self) -> str:
         if self.last_step is None:
@@ -103,18 +113,25 @@ def counters(state: dict[str, Any]) -> dict[str, Any]:
     return {_LEGACY_COUNTER_NAMES.get(k, k): v for k, v in state["position"].items()}
 
 
-def load_resume(run_dir: Path, overrides: cfg.TrainConfig) -> tuple[cfg.TrainConfig, dict[str, Any]]:
-    """The saved config (with explicitly set fields of `overrides` on top) and the saved state of a run."""
+def load_resume(run_dir: Path, overrides: cfg.TrainConfig) -> tuple[cfg.TrainConfig, dict[str, Any] | None]:
+    """The saved config (with explicitly set fields of `overrides` on top) and the saved state of a run; the state
+    is None for a run stopped before its first checkpoint, which then starts over from its saved config."""
     config_path = run_dir / runs.CONFIG_FILE
     state_path = run_dir / runs.STATE_FILE
     if not run_dir.is_dir():
         raise CheckpointError(f"--resume {run_dir}: no such run directory")
-    if not state_path.is_file():
-        raise CheckpointError(f"--resume {run_dir}: no checkpoint ({runs.STATE_FILE}) to resume from")
+    if not state_path.is_file() and not config_path.is_file():
+        raise CheckpointError(f"--resume {run_dir}: no checkpoint ({runs.STATE_FILE}) and no saved config "
+                              f"({runs.CONFIG_FILE}) to resume from")
     saved = cfg.load_file(cfg.TrainConfig, config_path)
     defaults = cfg.to_dict(cfg.TrainConfig())
     changed = {k: v for k, v in cfg.to_dict(overrides).items() if v != defaults[k]}
     config = cfg.merge(cfg.TrainConfig, cfg.to_dict(saved), changed, {"out": str(run_dir)}, source=str(config_path))
+    if not state_path.is_file():
+        if distributed.env_rank() == 0:
+            print(f"--resume {run_dir}: stopped before its first checkpoint; starting it over from its saved config",
+                  file=sys.stderr)
+        return config, None
     state = runs.safe_torch_load(state_path)
     check_state(state, state_path)
     if "state" not in state:
@@ -145,24 +162,3 @@ def check_state(state: Any, path: Path) -> None:
     if not all(isinstance(m, dict) and isinstance(m.get("test_acc"), (int, float))
                and isinstance(m.get("test_loss"), (int, float)) for m in state["metrics"]):
         fail("'metrics' must be a list of per-epoch records with test_acc and test_loss")
-
-
-def make_run_dir(run_dir: Path) -> None:
-    """Creates the run directory (or reuses it), clearing temporaries a killed run left behind."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"--out {run_dir}: is a file, expected a run directory (or a path to create one at)")
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"--out {run_dir}: cannot create the run directory ({exc.strerror or exc})") from None
-    runs.remove_stale_temporaries(run_dir)
-
-
-def default_run_dir() -> Path:
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    path = Path("runs") / stamp
-    suffix = 1
-    while path.exists():
-        path = Path("runs") / f"{stamp}-{suffix}"
-        suffix += 1
-    return path

@@ -39,6 +39,11 @@ def env_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def env_rank() -> int:
+    """This process's rank in its job (0 outside torchrun)."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def timeout_s() -> float:
     """How long a collective waits for the other processes before the job fails (`$TRAINFORGE_DIST_TIMEOUT`)."""
     text = os.environ.get(TIMEOUT_ENV)
@@ -90,6 +95,16 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def agree_with_rank0(flag: bool, device: torch.device) -> bool:
+    """Rank 0's `flag` on every process, for decisions (such as a time-based checkpoint) that each process would
+    otherwise take from its own clock and that lead into collectives all must enter together."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return flag
+    tensor = torch.tensor([float(flag)], device=device)
+    dist.broadcast(tensor, src=0)
+    return bool(tensor.item())
 
 
 def mean_over_ranks(tensor: torch.Tensor) -> torch.Tensor:

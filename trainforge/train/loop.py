@@ -119,6 +119,7 @@ class Run:
     monitor: Monitor
     writer: Any
     state: TrainState
+    lock: runs.RunLock | None = None  # rank 0's claim on run_dir, held until the run's last file is written
     check_every: int = 1  # steps between host reads of the loss
     started: float = 0.0
     stopped_early: bool = False
@@ -143,6 +144,8 @@ class Run:
         self.monitor.close()
         if self.writer is not None:
             self.writer.close()
+        if self.lock is not None:
+            self.lock.release()
 
 
 def train(config: cfg.TrainConfig | dict | None = None, *, resume: str | os.PathLike | None = None,
@@ -159,7 +162,7 @@ def train(config: cfg.TrainConfig | dict | None = None, *, resume: str | os.Path
     saved: dict[str, Any] | None = None
     if resume is not None:
         config, saved = checkpoint.load_resume(Path(resume), config)
-    run = setup(recipes.resolve(config), data, hooks or Hooks(), saved, progress)
+    run = setup(recipes.resolve(config), data, hooks or Hooks(), saved, progress, resuming=resume is not None)
     run.start()
     try:
         while run.state.epoch < run.num_epochs:
@@ -167,13 +170,13 @@ def train(config: cfg.TrainConfig | dict | None = None, *, resume: str | os.Path
             steps, train_seconds = train_one_epoch(run)
             if end_epoch(run, steps, train_seconds, epoch_start):
                 break
+        return finish(run)
     finally:
         run.close()
-    return finish(run)
 
 
 def setup(config: cfg.TrainConfig, data: DataBundle | None, hooks: Hooks, saved: dict[str, Any] | None,
-          progress: bool) -> Run:
+          progress: bool, resuming: bool = False) -> Run:
     """Device, data, model, optimizer, run directory and (when resuming) the saved state, in that order."""
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device)
@@ -191,27 +194,46 @@ def setup(config: cfg.TrainConfig, data: DataBundle | None, hooks: Hooks, saved:
     # Counts the FLOPs per sample now, while `model` is still whole (FSDP shards it below).
     monitor = Monitor(model, test_images[:1], device, precision, world_size=world, sample_gpu=rank == 0)
     parts = _step_parts(config, model, hooks, device, precision, world, total_steps)
-    run_dir = Path(config.out) if config.out else checkpoint.default_run_dir()
-    if rank == 0:
-        checkpoint.make_run_dir(run_dir)
+    run_dir, lock = _claim_run_dir(config, info, rank, resuming)
+    try:
+        state = TrainState()
+        if saved is not None:
+            checkpoint.restore(saved, model, parts.optimizer, parts.scheduler, parts.scaler, device)
+            state = TrainState(**checkpoint.counters(saved), metrics=list(saved["metrics"]))
+        if config.compile:
+            parts.step_model = torch.compile(parts.step_model)
+        checkpointer = checkpoint.Checkpointer(run_dir, config, rank == 0, state.step if saved is not None else None,
+                                               device=device, world=world)
+        return Run(config=config, hooks=hooks, parts=parts, loader=loader, test_images=test_images,
+                   test_labels=test_labels, n_train=len(bundle.train.labels), steps_per_epoch=len(loader),
+                   total_steps=total_steps, rank=rank, world=world, run_dir=run_dir, monitor=monitor,
+                   checkpointer=checkpointer, lock=lock, state=state,
+                   reporter=ProgressReporter(enabled=progress and rank == 0, total_steps=total_steps,
+                                             samples_per_step=config.batch_size),
+                   writer=_tensorboard(run_dir, state.step) if rank == 0 and config.tensorboard else None,
+                   # On the CPU a host read of the loss costs nothing, so every step is checked; on a GPU it would
+                   # stall the pipeline, so the loss is summed on the device and read at a few points per epoch.
+                   check_every=1 if device.type == "cpu" or config.skip_nonfinite else max(1, len(loader) // 8))
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def _claim_run_dir(config: cfg.TrainConfig, info: runs.ModelInfo, rank: int,
+                   resuming: bool) -> tuple[Path, runs.RunLock | None]:
+    """The run directory, claimed by rank 0 (which alone writes it) and holding the config and model description."""
+    run_dir = Path(config.out) if config.out else runs.default_run_dir()
+    if rank != 0:
+        return run_dir, None
+    lock = runs.prepare_run_dir(run_dir, overwrite=config.overwrite, resuming=resuming)
+    try:
         runs.write_text(run_dir / runs.CONFIG_FILE, cfg.dumps(dataclasses.replace(config, out=str(run_dir))))
         runs.write_json(run_dir / runs.MODEL_INFO, dataclasses.asdict(info))
-    state = TrainState()
-    if saved is not None:
-        checkpoint.restore(saved, model, parts.optimizer, parts.scheduler, parts.scaler, device)
-        state = TrainState(**checkpoint.counters(saved), metrics=list(saved["metrics"]))
-    if config.compile:
-        parts.step_model = torch.compile(parts.step_model)
-    return Run(config=config, hooks=hooks, parts=parts, loader=loader, test_images=test_images,
-               test_labels=test_labels, n_train=len(bundle.train.labels), steps_per_epoch=len(loader),
-               total_steps=total_steps, rank=rank, world=world, run_dir=run_dir, monitor=monitor,
-               checkpointer=checkpoint.Checkpointer(run_dir, config, rank == 0, state.step if saved is not None else None),
-               reporter=ProgressReporter(enabled=progress and rank == 0, total_steps=total_steps,
-                                         samples_per_step=config.batch_size),
-               writer=_tensorboard(run_dir, state.step) if rank == 0 and config.tensorboard else None, state=state,
-               # On the CPU a host read of the loss costs nothing, so every step is checked; on a GPU it would stall
-               # the pipeline, so the loss is summed on the device and read at a few points per epoch.
-               check_every=1 if device.type == "cpu" or config.skip_nonfinite else max(1, len(loader) // 8))
+    except BaseException:
+        lock.release()
+        raise
+    return run_dir, lock
 
 
 def _data_and_model(config: cfg.TrainConfig, data: DataBundle | None, hooks: Hooks,
