@@ -737,3 +737,20 @@ def test_device_loader_epochs_are_seeded_permutations_that_resume_mid_epoch(mnis
     assert all(torch.equal(a[0], b[0]) for a, b in zip(list(loader), batches[7:]))
     loader.set_epoch(1)
     assert not torch.equal(next(iter(loader))[0], batches[0][0])
+
+
+def test_large_seeds_augment_a_streamed_folder(tmp_path):
+    """--seed up to 2**32 - 1 with --augment on a streamed folder: the per-batch augmentation seed is wrapped to the
+    64 bits a generator takes (it overflowed manual_seed from about 1.9e8 on)."""
+    from trainforge.data import load_data, make_train_loader
+    from trainforge.data.loaders import augment_seed
+
+    train, _ = load_builtin("mnist", SHARED_DATA)
+    bundle = load_data(str(_digit_folder(tmp_path / "digits", train, per_class=4)), loader="streaming",
+                       val_fraction=0.25)
+    seed = 2 ** 32 - 1
+    loader = make_train_loader(bundle, 3, device=torch.device("cpu"), seed=seed, augment="translate", workers=0)
+    batches = [images for images, _ in loader]
+    assert len(batches) == 3 and all(b.shape == (3, 1, 28, 28) for b in batches)
+    assert 0 <= augment_seed(seed, 7, 10 ** 6) < 2 ** 64
+    assert augment_seed(1, 2, 3) == (1 * 1_000_003 + 2) * 100_003 + 3  # small seeds: the draws of earlier runs

@@ -182,3 +182,72 @@ def test_eval_split_val_reproduces_the_validation_accuracy_the_run_reported(hold
     refused = run_cli("eval", str(trained_run), "--split", "val")
     assert refused.returncode == 2 and "trained without --holdout" in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1
+
+
+def _train_argv(out: Path, *extra: str) -> list[str]:
+    return ["train", "--model", "linear", "--subset", "500", "--epochs", "1", "--no-tensorboard", "--out", str(out),
+            "--json", *extra]
+
+
+def _start_train(out: Path, delay: float, *extra: str) -> subprocess.Popen:
+    """`trainforge train` whose every atomic write waits `delay` s before its rename (runs.WRITE_DELAY_ENV)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), runs.WRITE_DELAY_ENV: str(delay)}
+    return subprocess.Popen([sys.executable, "-m", "trainforge", *_train_argv(out, *extra)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(predicate, what: str, timeout: float = 120) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def test_out_on_a_finished_run_refuses_overwrite_replaces_and_config_reruns_elsewhere(trained_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run, run_dir)
+    before = (run_dir / runs.METRICS_FILE).read_text()
+    refused = run_cli(*_train_argv(run_dir, "--seed", "5"))
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1
+    assert f"--out {run_dir} already holds a run" in refused.stderr and f"--resume {run_dir}" in refused.stderr
+    assert (run_dir / runs.METRICS_FILE).read_text() == before
+    rerun = run_cli("train", "--config", str(run_dir / runs.CONFIG_FILE), "--json", cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stderr
+    new_dir = Path(json.loads(rerun.stdout.splitlines()[-1])["run_dir"])
+    assert (tmp_path / new_dir).parent == tmp_path / "runs" and (run_dir / runs.METRICS_FILE).read_text() == before
+    replaced = run_cli(*_train_argv(run_dir, "--seed", "5", "--overwrite"))
+    assert replaced.returncode == 0, replaced.stderr
+    assert "seed: 5" in (run_dir / runs.CONFIG_FILE).read_text() and len(runs.read_metrics(run_dir)) == 1
+
+
+def test_two_trainings_into_one_out_one_runs_the_other_gets_the_lock_error(tmp_path, capsys):
+    from trainforge import cli
+
+    out = tmp_path / "shared"
+    first = _start_train(out, 1.0)
+    _wait_for(lambda: (out / runs.LOCK_FILE).exists(), "the first training's lock")
+    # The second in this process (torch already imported), so that it reaches the lock while the first holds it.
+    assert cli.main(_train_argv(out)) == 2
+    assert f"{out} is in use by another training (pid {first.pid} on host" in capsys.readouterr().err
+    stdout, stderr = first.communicate(timeout=240)
+    assert first.returncode == 0, stderr[-2000:]
+    assert json.loads(stdout.splitlines()[-1])["run_dir"] == str(out) and not (out / runs.LOCK_FILE).exists()
+
+
+def test_sigkill_before_the_first_checkpoint_then_resume_matches_an_uninterrupted_run(tmp_path):
+    whole = run_cli(*_train_argv(tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr
+    killed = _start_train(tmp_path / "cut", 1.0)
+    # Killed while the first checkpoint's temporary file waits for its rename: config.yaml saved, no state.pt.
+    _wait_for(lambda: list((tmp_path / "cut").glob(".state.pt.*.tmp")), "the first checkpoint's write")
+    killed.send_signal(signal.SIGKILL)
+    killed.communicate(timeout=60)
+    assert (tmp_path / "cut" / runs.CONFIG_FILE).exists() and not (tmp_path / "cut" / runs.STATE_FILE).exists()
+    resumed = run_cli("train", "--resume", str(tmp_path / "cut"), "--json")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "stopped before its first checkpoint; starting it over from its saved config" in resumed.stderr
+    got, want = (json.loads(r.stdout.splitlines()[-1]) for r in (resumed, whole))
+    assert (got["test_acc"], got["test_loss"], got["train_loss"]) == (want["test_acc"], want["test_loss"],
+                                                                    want["train_loss"])
