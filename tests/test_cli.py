@@ -154,6 +154,7 @@ def _verb_invocations(tmp_path, trained_run, small_cnn_run, image) -> dict:
         "predict": [str(trained_run), str(image)],
         "models": [],
         "datasets": [],
+        "fewshot": ["--from", str(small_cnn_run), "--data", "mnist", "--shots", "2", "--out", str(tmp_path / "fs")],
         "finetune": ["--from", str(small_cnn_run), "--data", "mnist", "--subset", "200", "--epochs", "1",
                      "--strategy", "linear-probe", "--out", str(tmp_path / "f"), "--no-tensorboard"],
         "export": [str(small_cnn_run), "--out", str(tmp_path / "m.onnx"), "--check-images", "50"],
