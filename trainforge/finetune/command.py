@@ -75,9 +75,11 @@ class FinetuneConfig:
 
 # Fine-tuning hyperparameters where the user gives none: AdamW with a one-cycle schedule, and a learning rate per
 # strategy (a head or adapters alone tolerate a larger one than a whole pretrained network). Epochs but the last are
-# evaluated on 1,000 test images: at an upscaled resolution the whole test set costs more than an epoch's training.
+# evaluated on 1,000 test images, and evaluation takes the fastest precision: at an upscaled resolution the whole test
+# set costs more than an epoch's training.
 DEFAULTS = dict(epochs=5, batch_size=64, optimizer="adamw", betas=[0.9, 0.999], weight_decay=1e-4,
-                schedule="onecycle", warmup=0.1, label_smoothing=0.1, augment="none", eval_subset=1000)
+                schedule="onecycle", warmup=0.1, label_smoothing=0.1, augment="none", eval_subset=1000,
+                eval_precision="auto")
 STRATEGY_LR = {"full": 2e-3, "linear-probe": 1e-2, "lora": 3e-3, "gradual": 2e-3}
 
 
@@ -156,6 +158,7 @@ def finetune(options: FinetuneConfig | dict[str, Any], train_options: dict[str, 
     config = dataclasses.replace(config, model=source.arch, data=config.data if data is None else job.bundle.name,
                                  layout=layout.choose_layout(config.layout, job.model, device),
                                  precision=layout.choose_precision(config.precision, job.model, device))
+    config.eval_precision = layout.choose_eval_precision(config.eval_precision, config.precision, device)
     result, feature_seconds = _train(config, job, hooks, cache, device, progress)
     model = job.model.cpu()
     if options.strategy == "lora":
@@ -255,7 +258,7 @@ def _train(config: cfg.TrainConfig, job: _Job, hooks: Hooks, cache: bool, device
 
 def _forgetting(job: _Job, config: cfg.TrainConfig, device: torch.device) -> dict[str, float]:
     """--update: the old task's accuracy before and after, and the new task's."""
-    precision = config.precision
+    precision = config.eval_precision
     layout.apply_layout(job.model.to(device), config.layout)
     layout.apply_layout(job.old_model.to(device), config.layout)
 
@@ -284,7 +287,7 @@ def _cached_features(model: strategies.FinetuneClassifier, head_name: str, bundl
                      device: torch.device, config: cfg.TrainConfig) -> DataBundle:
     """`bundle` with every image replaced by the frozen backbone's features for it, computed once."""
     def features(images: torch.Tensor) -> torch.Tensor:
-        return backbone_features(model, head_name, images, device, config.precision, config.eval_batch_size,
+        return backbone_features(model, head_name, images, device, config.eval_precision, config.eval_batch_size,
                                  config.layout)
     return DataBundle(bundle.name, ImageSet(features(bundle.train.images), bundle.train.labels, bundle.classes),
                       ImageSet(features(bundle.test.images), bundle.test.labels, bundle.classes), bundle.mean,

@@ -230,8 +230,9 @@ def _data_and_model(config: cfg.TrainConfig, data: DataBundle | None, hooks: Hoo
         model=config.model, num_classes=len(bundle.classes), classes=list(bundle.classes),
         in_channels=bundle.in_channels, image_size=bundle.image_size, mean=list(bundle.mean), std=list(bundle.std),
         width=effective_width(config.model, config.width))
-    chosen = dataclasses.replace(config, layout=layout.choose_layout(config.layout, model, device),
-                                 precision=layout.choose_precision(config.precision, model, device))
+    precision = layout.choose_precision(config.precision, model, device)
+    chosen = dataclasses.replace(config, layout=layout.choose_layout(config.layout, model, device), precision=precision,
+                                 eval_precision=layout.choose_eval_precision(config.eval_precision, precision, device))
     return bundle, layout.apply_layout(model.to(device), chosen.layout), info, chosen
 
 
@@ -365,7 +366,7 @@ def _evaluate_run(run: Run, subset: torch.Tensor | None) -> tuple[float, float]:
     if subset is not None:
         images, labels = images[subset], labels[subset]
     return evaluate(run.parts.model, images, labels, run.config.eval_batch_size, run.parts.device,
-                    run.parts.precision, run.rank, run.world)
+                    run.config.eval_precision, run.rank, run.world)
 
 
 def finish(run: Run) -> TrainResult:
