@@ -22,8 +22,8 @@ Fashion-MNIST is read from trainforge's data roots ($TRAINFORGE_DATA, ~/.cache/t
                                       [--precision auto|32|bf16] [--compile] [--quick] [--json]
 
 --precision and --compile apply to all arms on a GPU (the plain loop then autocasts and compiles as timm's script
-does); on the CPU the plain loop stays fp32 unless --precision names bf16. --quick: tiny sizes and one run, to
-prove the script. Prints a Markdown table for benchmarks/RESULTS.md (with --json, one JSON object as the last line).
+does); on the CPU the plain loop stays fp32 unless --precision names bf16. --quick: tiny sizes, one row and one
+run, to prove the script. Prints a Markdown table for benchmarks/RESULTS.md (with --json, one JSON object as the last line).
 """
 
 from __future__ import annotations
@@ -237,11 +237,11 @@ def markdown(results: list[dict], args: argparse.Namespace) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--rows", nargs="+", choices=tuple(ROWS), default=list(ROWS))
+    parser.add_argument("--rows", nargs="+", choices=tuple(ROWS), help="default: all (with --quick: the first)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="auto", choices=("auto", "32", "bf16"))
     parser.add_argument("--compile", action="store_true")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes and one run: proves the script")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, one row, one run: proves the script")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--worker", choices=ARMS, help=argparse.SUPPRESS)
     parser.add_argument("--row", help=argparse.SUPPRESS)
@@ -253,6 +253,7 @@ def main() -> None:
         return
     runs = 1 if args.quick else args.runs
     args.runs = runs
+    args.rows = args.rows or list(ROWS)[:1 if args.quick else None]
     results = []
     with tempfile.TemporaryDirectory(prefix="finetune-speed-") as tmp:
         work = Path(tmp)
