@@ -23,7 +23,8 @@ Fashion-MNIST is read from trainforge's data roots ($TRAINFORGE_DATA, ~/.cache/t
 
 --precision and --compile apply to all arms on a GPU (the plain loop then autocasts and compiles as timm's script
 does); on the CPU the plain loop stays fp32 unless --precision names bf16. --quick: tiny sizes, one row and
-one run, to prove the script. Prints a Markdown table for benchmarks/RESULTS.md (with --json, one JSON object as the last line).
+one run, to prove the script. Prints a Markdown table for benchmarks/RESULTS.md (with --json, one JSON object as
+the last line).
 """
 
 from __future__ import annotations
