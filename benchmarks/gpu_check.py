@@ -210,7 +210,8 @@ def plan_other_issues(ctx: Context) -> list[Step]:
         nccl.status, nccl.reason = SKIPPED, f"{ctx.gpus} GPU visible: the NCCL path needs 2 or more"
     finetune = Step("finetune_speed", "fine-tune speed (finetune_speed.py, bf16, --compile)",
                     script("finetune_speed.py", "--device", ctx.device, "--json",
-                           *(["--quick"] if ctx.dry else ["--precision", "bf16", "--compile"])), 240, None)
+                           *(["--quick"] if ctx.dry else ["--precision", "bf16", "--compile"])), 240,
+                    summarize_finetune_speed)
     fashion = Step("fashion_recipe", "Fashion-MNIST recipe (train --data fashion-mnist)",
                    tf("train", "--data", "fashion-mnist", "--device", ctx.device, "--out", str(ctx.work / "fashion"),
                       "--no-tensorboard", "--json", *(["--subset", "1000", "--epochs", "1"] if ctx.dry else [])),
@@ -235,6 +236,14 @@ def detect_features(ctx: Context) -> dict[str, str | None]:
             "finetune_speed": None if (REPO / "benchmarks" / "finetune_speed.py").is_file()
             else "benchmarks/finetune_speed.py does not exist",
             "fashion_recipe": fashion}
+
+
+def summarize_finetune_speed(record: dict, records: dict[str, dict]) -> str:
+    """Each row's trainforge arm against the channels-last plain loop: speed-up and both accuracies."""
+    rows = record["result"]["rows"]
+    plain = {r["row"]: r for r in rows if r["arm"] == "plain-cl"}
+    return "; ".join(f"{r['row']}: {r['speedup_vs_plain_cl']:.2f}x plain-cl, acc {r['test_acc']:.3f} vs "
+                     f"{plain[r['row']]['test_acc']:.3f}" for r in rows if r["arm"] == "trainforge")
 
 
 def execute(argv: list[str], timeout: float, env: dict[str, str]) -> tuple[int | None, str, str, float]:

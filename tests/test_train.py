@@ -211,3 +211,14 @@ def test_missing_cuda_is_a_clear_error(tmp_path):
 def test_bf16_autocast_trains_on_cpu(tmp_path):
     result = trainforge.train(small_config(tmp_path / "bf16", model="mlp", precision="bf16"), progress=False)
     assert result.precision == "bf16" and result.test_acc > 0.85
+
+
+def test_eval_subset_scores_epochs_on_a_subset_and_the_last_on_the_whole_test_set(mnist, tmp_path):
+    from trainforge.train.loop import evaluate
+
+    result = trainforge.train(small_config(tmp_path / "run", epochs=2, eval_subset=500), data=mnist, progress=False)
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["eval_subset"] for m in metrics] == [500, None]
+    model = runs.load(tmp_path / "run")
+    full = evaluate(model, mnist.test.images, mnist.test.labels, 2000, torch.device("cpu"))
+    assert result.test_acc == metrics[-1]["test_acc"] == pytest.approx(full[0])

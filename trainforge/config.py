@@ -72,8 +72,17 @@ class TrainConfig:
     label_smoothing: float | None = option(None, "label smoothing of the cross-entropy loss", low=0.0, high=0.5)
     augment: str | None = option(None, "augmentation on the device", choices=("none", "translate", "flip", "flip-translate"))
     device: str = option("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
-    precision: str = option("auto", "auto (bf16 on GPUs that support it, else fp32), 32, bf16 or fp16",
-                            choices=("auto", "32", "bf16", "fp16"))
+    precision: str | None = option(None, "auto (bf16 on GPUs that support it, and on CPUs with native bf16 for models "
+                                         "it measured faster on; else fp32), 32, bf16 or fp16 (default: the "
+                                         "recipe's; a run records the precision chosen)",
+                                   choices=("auto", "32", "bf16", "fp16"))
+    eval_precision: str | None = option(None, "precision of evaluation: auto (bf16 on CPUs with native bf16, where "
+                                              "inference measured faster for every model, and on GPUs that support "
+                                              "it; else fp32), 32, bf16 or fp16 (default: the training precision); a "
+                                              "run records the one chosen", choices=("auto", "32", "bf16", "fp16"))
+    layout: str = option("auto", "memory layout of the model: auto (channels-last for convolutional models on CPUs "
+                                 "and CUDA GPUs, where it measured faster), channels-last or contiguous; a run "
+                                 "records the layout chosen", choices=("auto", "channels-last", "contiguous"))
     compile: bool = option(False, "compile the model with torch.compile")
     parallel: str = option("ddp", "how several processes share the model: ddp (a full replica in each) or fsdp "
                                   "(parameters, gradients and optimizer state sharded across them, for models "
@@ -81,6 +90,9 @@ class TrainConfig:
     seed: int = option(0, "random seed of initialisation, shuffling and augmentation", low=0, high=2 ** 32 - 1)
     target_acc: float | None = option(None, "stop once test accuracy reaches this fraction", low=0.0, high=1.0)
     eval_batch_size: int = option(2000, "batch size of evaluation", positive=True)
+    eval_subset: int | None = option(None, "evaluate each epoch on a seeded, class-balanced subset of N test images; "
+                                           "the last epoch (or the one a run stops at) is scored on all of them",
+                                     positive=True)
     loader: str = option("auto", "auto (device-resident when the data fits), device or streaming",
                          choices=("auto", "device", "streaming"))
     workers: int = option(2, "worker processes of the streaming loader", low=0)

@@ -35,6 +35,7 @@ from ..data import DataBundle, ImageSet, eval_batches, load_data
 from ..errors import ConfigError
 from ..models import Preprocess, count_params
 from ..models.registry import effective_width
+from ..train import layout
 from ..train.loop import Hooks, TrainResult, evaluate, train
 from . import sources, strategies, update
 
@@ -73,9 +74,12 @@ class FinetuneConfig:
 
 
 # Fine-tuning hyperparameters where the user gives none: AdamW with a one-cycle schedule, and a learning rate per
-# strategy (a head or adapters alone tolerate a larger one than a whole pretrained network).
+# strategy (a head or adapters alone tolerate a larger one than a whole pretrained network). Epochs but the last are
+# evaluated on 1,000 test images, and evaluation takes the fastest precision: at an upscaled resolution the whole test
+# set costs more than an epoch's training.
 DEFAULTS = dict(epochs=5, batch_size=64, optimizer="adamw", betas=[0.9, 0.999], weight_decay=1e-4,
-                schedule="onecycle", warmup=0.1, label_smoothing=0.1, augment="none")
+                schedule="onecycle", warmup=0.1, label_smoothing=0.1, augment="none", eval_subset=1000,
+                eval_precision="auto")
 STRATEGY_LR = {"full": 2e-3, "linear-probe": 1e-2, "lora": 3e-3, "gradual": 2e-3}
 
 
@@ -133,7 +137,7 @@ def finetune(options: FinetuneConfig | dict[str, Any], train_options: dict[str, 
     Returns train's summary plus `trainable_params` (for `gradual`: at the end), `total_params` and, with `update`,
     `old_task_acc_before`, `old_task_acc` and `new_task_acc` (accuracies in 0-1, on the two tasks' test sets).
     """
-    from ..train.device import resolve_device, resolve_precision
+    from ..train.device import resolve_device
 
     options, config = _configs(options, train_options)
     cache = _resolve_cache(options, config)
@@ -147,12 +151,15 @@ def finetune(options: FinetuneConfig | dict[str, Any], train_options: dict[str, 
     job = _build_job(options, config, source, bundle, old_data)
     total_params = count_params(job.model)
     device = resolve_device(config.device)
-    precision = resolve_precision(config.precision, device)
     hooks, unfreezer = _strategy_hooks(options, config, source, job)
     trainable = count_params(job.model, trainable_only=True)
-    # The run records the data it was tuned on (the B task for --update), so that `eval RUN` finds it again.
-    config = dataclasses.replace(config, model=source.arch, data=config.data if data is None else job.bundle.name)
-    result, feature_seconds = _train(config, job, hooks, cache, device, precision, progress)
+    # The run records the data it was tuned on (the B task for --update), so that `eval RUN` finds it again, and
+    # the layout and precision chosen for the whole model (not for the head alone that a cached probe trains).
+    config = dataclasses.replace(config, model=source.arch, data=config.data if data is None else job.bundle.name,
+                                 layout=layout.choose_layout(config.layout, job.model, device),
+                                 precision=layout.choose_precision(config.precision, job.model, device))
+    config.eval_precision = layout.choose_eval_precision(config.eval_precision, config.precision, device)
+    result, feature_seconds = _train(config, job, hooks, cache, device, progress)
     model = job.model.cpu()
     if options.strategy == "lora":
         model.net = strategies.merge_lora(model.net)
@@ -167,7 +174,7 @@ def finetune(options: FinetuneConfig | dict[str, Any], train_options: dict[str, 
            "image_size": job.image_size, "trainable_params": trainable, "total_params": total_params,
            "cached_features": cache, "feature_seconds": feature_seconds}
     if job.tasks is not None:
-        out.update(_forgetting(job, config, device, precision), replay=options.replay, distill=options.distill)
+        out.update(_forgetting(job, config, device), replay=options.replay, distill=options.distill)
     runs.write_json(run_dir / runs.SUMMARY_FILE, out)
     return out
 
@@ -236,23 +243,24 @@ def _strategy_hooks(options: FinetuneConfig, config: cfg.TrainConfig, source: so
     return Hooks(model=job.model, model_info=info, param_groups=param_groups, loss_fn=loss_fn), unfreezer
 
 
-def _train(config: cfg.TrainConfig, job: _Job, hooks: Hooks, cache: bool, device: torch.device, precision: str,
+def _train(config: cfg.TrainConfig, job: _Job, hooks: Hooks, cache: bool, device: torch.device,
            progress: bool) -> tuple[TrainResult, float]:
     """The training loop's result, and the seconds spent caching features first (0 without a cache)."""
     if not cache:
         return train(config, data=job.bundle, hooks=hooks, progress=progress), 0.0
     started = time.perf_counter()
-    bundle = _cached_features(job.model, job.head_name, job.bundle, device, precision, config.eval_batch_size)
+    bundle = _cached_features(job.model, job.head_name, job.bundle, device, config)
     feature_seconds = time.perf_counter() - started
     # The loop trains the head alone on the cached features; trained in place, it is already part of the model.
     hooks = Hooks(model=job.head, model_info=hooks.model_info)
     return train(config, data=bundle, hooks=hooks, progress=progress), feature_seconds
 
 
-def _forgetting(job: _Job, config: cfg.TrainConfig, device: torch.device, precision: str) -> dict[str, float]:
+def _forgetting(job: _Job, config: cfg.TrainConfig, device: torch.device) -> dict[str, float]:
     """--update: the old task's accuracy before and after, and the new task's."""
-    job.model.to(device)
-    job.old_model.to(device)
+    precision = config.eval_precision
+    layout.apply_layout(job.model.to(device), config.layout)
+    layout.apply_layout(job.old_model.to(device), config.layout)
 
     def accuracy(m: nn.Module, images: ImageSet) -> float:
         return evaluate(m, images.images.to(device), images.labels.to(device), config.eval_batch_size, device,
@@ -276,10 +284,11 @@ def _resolve_cache(options: FinetuneConfig, config: cfg.TrainConfig) -> bool:
 
 
 def _cached_features(model: strategies.FinetuneClassifier, head_name: str, bundle: DataBundle,
-                     device: torch.device, precision: str, batch_size: int) -> DataBundle:
+                     device: torch.device, config: cfg.TrainConfig) -> DataBundle:
     """`bundle` with every image replaced by the frozen backbone's features for it, computed once."""
     def features(images: torch.Tensor) -> torch.Tensor:
-        return backbone_features(model, head_name, images, device, precision, batch_size)
+        return backbone_features(model, head_name, images, device, config.eval_precision, config.eval_batch_size,
+                                 config.layout)
     return DataBundle(bundle.name, ImageSet(features(bundle.train.images), bundle.train.labels, bundle.classes),
                       ImageSet(features(bundle.test.images), bundle.test.labels, bundle.classes), bundle.mean,
                       bundle.std)
@@ -287,8 +296,9 @@ def _cached_features(model: strategies.FinetuneClassifier, head_name: str, bundl
 
 @torch.inference_mode()
 def backbone_features(model: nn.Module, head_name: str, images: torch.Tensor, device: torch.device,
-                      precision: str, batch_size: int) -> torch.Tensor:
-    """What the head of `model` sees for each image (float32 [N, features], on the CPU), in eval mode."""
+                      precision: str, batch_size: int, memory_layout: str = "contiguous") -> torch.Tensor:
+    """What the head of `model` sees for each image (float32 [N, features], on the CPU), in eval mode, computed in
+    `memory_layout`."""
     from ..train.device import autocast
 
     net = model.net
@@ -296,7 +306,7 @@ def backbone_features(model: nn.Module, head_name: str, images: torch.Tensor, de
     parent = net.get_submodule(parent_name) if parent_name else net
     head = getattr(parent, attr)
     setattr(parent, attr, nn.Identity())
-    model.to(device).eval()
+    layout.apply_layout(model.to(device), memory_layout).eval()
     try:
         chunks = []
         for x, _ in eval_batches(images, images.new_zeros(len(images)), batch_size):

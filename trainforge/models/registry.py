@@ -126,13 +126,17 @@ class Preprocess(nn.Module):
         return self.scale.expand(shape).reshape(-1), self.shift.expand(shape).reshape(-1)
 
     def _adapt(self, x: torch.Tensor, channels: int) -> torch.Tensor:
+        # Resized while it has the fewer channels: a grayscale image is resized once, not once per copy.
+        if channels == 1 and self.in_channels != 1:
+            return self._resize(x).expand(-1, self.in_channels, -1, -1)
         if channels != self.in_channels:
-            if channels == 1:
-                x = x.expand(-1, self.in_channels, -1, -1)
-            elif channels == 3 and self.in_channels == 1:
+            if channels == 3 and self.in_channels == 1:
                 x = (x * torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
             else:
                 raise ModelError(f"cannot adapt {channels}-channel images to a {self.in_channels}-channel model")
+        return self._resize(x)
+
+    def _resize(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-2] != self.image_size or x.shape[-1] != self.image_size:
             x = nn.functional.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear",
                                           align_corners=False)

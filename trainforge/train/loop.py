@@ -21,12 +21,12 @@ from torch import nn
 from .. import config as cfg
 from .. import runs
 from ..data import DataBundle, eval_batches, load_data, make_train_loader
-from ..data.loaders import holdout_split
+from ..data.loaders import balanced_subset, holdout_split
 from ..errors import ConfigError, TrainingError
 from ..models import build_classifier
 from ..models.registry import effective_width
-from . import checkpoint, distributed, recipes
-from .device import autocast, configure_backends, configure_host_allocator, resolve_device, resolve_precision, synchronize
+from . import checkpoint, distributed, layout, recipes
+from .device import autocast, configure_backends, configure_host_allocator, resolve_device, synchronize
 from .monitor import Monitor
 from .progress import ProgressReporter
 
@@ -179,14 +179,14 @@ def setup(config: cfg.TrainConfig, data: DataBundle | None, hooks: Hooks, saved:
           progress: bool, resuming: bool = False) -> Run:
     """Device, data, model, optimizer, run directory and (when resuming) the saved state, in that order."""
     device = resolve_device(config.device)
-    precision = resolve_precision(config.precision, device)
     rank, world = distributed.setup(device)
     if config.batch_size % world:
         raise ConfigError(f"--batch-size {config.batch_size} must be divisible by the number of processes ({world})")
     configure_backends(device)
     configure_host_allocator()
     torch.manual_seed(config.seed)
-    bundle, model, info = _data_and_model(config, data, hooks, device)
+    bundle, model, info, config = _data_and_model(config, data, hooks, device)
+    precision = config.precision
     loader = make_train_loader(bundle, config.batch_size, device=device, seed=config.seed, augment=config.augment,
                                workers=config.workers, rank=rank, world_size=world)
     test_images, test_labels = bundle.test.images.to(device), bundle.test.labels.to(device)
@@ -236,8 +236,10 @@ def _claim_run_dir(config: cfg.TrainConfig, info: runs.ModelInfo, rank: int,
     return run_dir, lock
 
 
-def _data_and_model(config: cfg.TrainConfig, data: DataBundle | None, hooks: Hooks,
-                    device: torch.device) -> tuple[DataBundle, nn.Module, runs.ModelInfo]:
+def _data_and_model(config: cfg.TrainConfig, data: DataBundle | None, hooks: Hooks, device: torch.device
+                    ) -> tuple[DataBundle, nn.Module, runs.ModelInfo, cfg.TrainConfig]:
+    """The data, the model on `device` in its layout, how to rebuild it, and `config` with the layout and precision
+    chosen for this model and device (recorded in the run, so that a re-run takes the same)."""
     bundle = data or load_data(config.data, config.data_dir, subset=config.subset, seed=config.seed,
                                image_size=config.image_size, val_fraction=config.val_fraction, loader=config.loader)
     if config.holdout:
@@ -250,10 +252,10 @@ def _data_and_model(config: cfg.TrainConfig, data: DataBundle | None, hooks: Hoo
         model=config.model, num_classes=len(bundle.classes), classes=list(bundle.classes),
         in_channels=bundle.in_channels, image_size=bundle.image_size, mean=list(bundle.mean), std=list(bundle.std),
         width=effective_width(config.model, config.width))
-    model = model.to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    return bundle, model, info
+    precision = layout.choose_precision(config.precision, model, device)
+    chosen = dataclasses.replace(config, layout=layout.choose_layout(config.layout, model, device), precision=precision,
+                                 eval_precision=layout.choose_eval_precision(config.eval_precision, precision, device))
+    return bundle, layout.apply_layout(model.to(device), chosen.layout), info, chosen
 
 
 def _step_parts(config: cfg.TrainConfig, model: nn.Module, hooks: Hooks, device: torch.device, precision: str,
@@ -345,15 +347,16 @@ def end_epoch(run: Run, steps: int, train_seconds: float, epoch_start: float) ->
     """Evaluates, records and checkpoints the epoch just trained; True when the run should stop here."""
     state, config = run.state, run.config
     train_loss = state.loss_sum / max(1, state.loss_count)
-    test_acc, test_loss = evaluate(run.parts.model, run.test_images, run.test_labels, config.eval_batch_size,
-                                   run.parts.device, run.parts.precision, run.rank, run.world)
+    subset = None if state.epoch + 1 >= run.num_epochs else _eval_subset(run)
+    test_acc, test_loss = _evaluate_run(run, subset)
     synchronize(run.parts.device)
     epoch_seconds = time.perf_counter() - epoch_start
     state.epoch, state.step_in_epoch, state.loss_sum, state.loss_count = state.epoch + 1, 0, 0.0, 0
     state.elapsed = time.perf_counter() - run.started
     record = {"epoch": state.epoch, "step": state.step, "train_loss": train_loss, "test_loss": test_loss,
               "test_acc": test_acc, "lr": run.parts.optimizer.param_groups[-1]["lr"], "epoch_seconds": epoch_seconds,
-              "samples_per_second": steps * config.batch_size / epoch_seconds, "elapsed_seconds": state.elapsed}
+              "samples_per_second": steps * config.batch_size / epoch_seconds, "elapsed_seconds": state.elapsed,
+              "eval_subset": None if subset is None else len(subset)}
     record.update(run.monitor.epoch_stats(steps * config.batch_size, train_seconds))
     state.metrics.append(record)
     run.reporter.epoch_done(record)
@@ -364,9 +367,28 @@ def end_epoch(run: Run, steps: int, train_seconds: float, epoch_start: float) ->
         run.writer.flush()
     stop = config.target_acc is not None and test_acc >= config.target_acc
     stop = bool(run.hooks.on_epoch is not None and run.hooks.on_epoch(record)) or stop
+    if stop and subset is not None:  # the run ends here: its reported accuracy is the whole test set's
+        record["test_acc"], record["test_loss"] = _evaluate_run(run, None)
+        record["eval_subset"] = None
     run.save(epoch_end=True)
     run.stopped_early = stop and state.step < run.total_steps
     return stop
+
+
+def _eval_subset(run: Run) -> torch.Tensor | None:
+    """Indices of the seeded, class-balanced test images evaluated after an epoch (None: all of them)."""
+    n = run.config.eval_subset
+    if n is None or n >= len(run.test_labels):
+        return None
+    return balanced_subset(run.test_labels.cpu(), n, run.config.seed).to(run.test_labels.device)
+
+
+def _evaluate_run(run: Run, subset: torch.Tensor | None) -> tuple[float, float]:
+    images, labels = run.test_images, run.test_labels
+    if subset is not None:
+        images, labels = images[subset], labels[subset]
+    return evaluate(run.parts.model, images, labels, run.config.eval_batch_size, run.parts.device,
+                    run.config.eval_precision, run.rank, run.world)
 
 
 def finish(run: Run) -> TrainResult:

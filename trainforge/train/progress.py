@@ -76,10 +76,16 @@ class ProgressReporter:
 
     def epoch_done(self, record: dict[str, Any]) -> None:
         self.bar.update(completed=record["step"], metrics=f"epoch {record['epoch']} loss {record['train_loss']:.4f} "
-                                                          f"test acc {record['test_acc']:.4f}{_monitor_text(record)}")
+                                                          f"test acc {record['test_acc']:.4f}{_subset_text(record)}"
+                                                          f"{_monitor_text(record)}")
 
     def close(self) -> None:
         self.bar.close()
+
+
+def _subset_text(record: dict[str, Any]) -> str:
+    subset = record.get("eval_subset")
+    return f" (on a subset of {subset:,} test images)" if subset else ""
 
 
 def _monitor_text(record: dict[str, Any]) -> str:
