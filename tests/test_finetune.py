@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import trainforge
+from trainforge import config as cfg
 from trainforge import runs
 from trainforge.data import DataBundle, ImageSet, load_data
 from trainforge.errors import CheckpointError, ConfigError, ModelError
@@ -214,10 +215,11 @@ def test_update_extends_the_head_and_reports_forgetting(mnist_cnn, fashion, data
     assert model.classes[:10] == [str(i) for i in range(10)] and model.classes[10:] == fashion.classes
     assert model.net[7].out_features == 20
     assert not torch.equal(model.net[7].weight[:10], source.net[7].weight)  # the joint head trained
-    cpu = torch.device("cpu")
-    assert out["old_task_acc_before"] == evaluate(source, mnist.test.images, mnist.test.labels, 1000, cpu)[0]
-    assert out["old_task_acc"] == evaluate(model, mnist.test.images, mnist.test.labels, 1000, cpu)[0]
-    assert out["new_task_acc"] == evaluate(model, fashion.test.images, fashion.test.labels + 10, 1000, cpu)[0]
+    # Measured in the precision the run chose and recorded (bf16 on a CPU with native bf16).
+    cpu, prec = torch.device("cpu"), cfg.load_file(cfg.TrainConfig, tmp_path / "upd" / "config.yaml").eval_precision
+    assert out["old_task_acc_before"] == evaluate(source, mnist.test.images, mnist.test.labels, 1000, cpu, prec)[0]
+    assert out["old_task_acc"] == evaluate(model, mnist.test.images, mnist.test.labels, 1000, cpu, prec)[0]
+    assert out["new_task_acc"] == evaluate(model, fashion.test.images, fashion.test.labels + 10, 1000, cpu, prec)[0]
     with pytest.raises(ConfigError, match="needs a run directory"):
         finetune({"source": "efficientnet_lite0", "update": True}, {"out": str(tmp_path / "x")}, data=fashion)
 
