@@ -33,16 +33,18 @@ def onnx_file(small_cnn_run, tmp_path_factory) -> Path:
     return out
 
 
-def test_onnx_export_keeps_load_contract_with_dynamic_batch(small_cnn_run, onnx_file, mnist):
+def test_onnx_export_keeps_load_contract_with_dynamic_batch_and_size(small_cnn_run, onnx_file, mnist):
     import trainforge
     from trainforge.deploy import read_onnx_info
 
     model = trainforge.load(small_cnn_run)
     session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
     (inp,) = session.get_inputs()
-    assert inp.type == "tensor(uint8)" and inp.shape[1:] == [1, 28, 28] and not isinstance(inp.shape[0], int)
-    for n in (1, 7, 300):  # batch sizes other than the export example's
+    assert inp.type == "tensor(uint8)" and inp.shape[1] == 1
+    assert not any(isinstance(d, int) for d in (inp.shape[0], *inp.shape[2:]))
+    for n, size in ((1, 28), (7, 28), (300, 28), (3, 45)):  # batch sizes and an image size other than the example's
         images = mnist.test.images[-n:]
+        images = torch.nn.functional.interpolate(images.float(), size=size).to(torch.uint8) if size != 28 else images
         got = session.run(None, {inp.name: images.numpy()})[0]
         with torch.inference_mode():
             want = model(images).numpy()
@@ -62,8 +64,10 @@ def test_pt2_export_roundtrip(small_cnn_run, tmp_path, mnist):
     assert result["parity"]["max_abs_diff"] <= 1e-4 and result["parity"]["top1_agreement"] >= 0.999
     module, info = load_program(out)
     images = mnist.test.images[:5]
+    larger = torch.nn.functional.interpolate(images.float(), size=(37, 53)).to(torch.uint8)
     with torch.inference_mode():
-        torch.testing.assert_close(module(images), trainforge.load(small_cnn_run)(images), atol=1e-4, rtol=0)
+        for batch in (images, larger):
+            torch.testing.assert_close(module(batch), trainforge.load(small_cnn_run)(batch), atol=1e-4, rtol=0)
     assert info.classes == [str(i) for i in range(10)]
 
 
@@ -134,6 +138,7 @@ def test_auto_backend_keeps_the_fastest_on_given_timings():
 
 # --- a real server process ---------------------------------------------------------------------------------------
 
+MAX_PIXELS = 1_000_000
 MAX_BODY = 200_000
 
 
@@ -141,7 +146,7 @@ MAX_BODY = 200_000
 def server(onnx_file):
     # A long batching window makes "concurrent requests share a batch" certain rather than timing-dependent.
     proc, base = start_server(onnx_file, "--max-batch", "32", "--max-wait-ms", "200", "--max-body-bytes",
-                              str(MAX_BODY), "--max-images", "16")
+                              str(MAX_BODY), "--max-images", "16", "--max-pixels", str(MAX_PIXELS))
     yield proc, base
     proc.kill()
     proc.wait()
@@ -167,7 +172,8 @@ def test_health_and_valid_requests(server, small_cnn_run, mnist):
     _, base = server
     health = httpx.get(base + "/health").json()
     assert health["status"] == "ok" and health["backend"] == "onnxruntime"
-    assert health["input"]["shape"] == ["N", 1, 28, 28] and health["max_batch"] == 32
+    assert health["input"]["shape"] == ["N", 1, "H", "W"] and health["input"]["model_size"] == 28
+    assert health["max_batch"] == 32 and health["limits"]["max_pixels"] == MAX_PIXELS
 
     images = mnist.test.images[:3]
     want = expected_labels(small_cnn_run, images)
@@ -182,15 +188,18 @@ def test_health_and_valid_requests(server, small_cnn_run, mnist):
     response = httpx.post(base + "/predict", content=png_bytes(images[0, 0].numpy()),
                           headers={"content-type": "image/png"})
     assert response.status_code == 200 and response.json()["predictions"][0]["label"] == want[0]
-    # An image of another size is resized on the server, like `trainforge predict` resizes inside the model.
+    # An image of another size is resized inside the model, as by `trainforge predict`.
     big = np.kron(images[0, 0].numpy(), np.ones((2, 2), dtype=np.uint8))
     response = httpx.post(base + "/predict", files={"file": ("big.png", png_bytes(big), "image/png")})
     assert response.status_code == 200
 
 
 @pytest.mark.parametrize("kwargs, status, message", [
-    (dict(files={"file": ("x.png", b"\x89PNG\r\n\x1a\n-not-really", "image/png")}), 422, "PNG/JPEG"),
-    (dict(content=b"GIF89a" + bytes(100), headers={"content-type": "image/png"}), 422, "PNG/JPEG"),
+    (dict(files={"file": ("x.png", b"\x89PNG\r\n\x1a\n-not-really", "image/png")}), 422, "x.png: not a readable"),
+    (dict(content=b"GIF89a" + bytes(100), headers={"content-type": "image/png"}), 422, "body: not a readable"),
+    (dict(content=b"BM" + bytes(100), headers={"content-type": "image/png"}), 422, "body: not a readable"),
+    (dict(content=b"II*\x00" + bytes(100), headers={"content-type": "image/tiff"}), 422, "body: not a readable"),
+    (dict(content=b"hello", headers={"content-type": "image/png"}), 415, "not an image in a supported format"),
     (dict(json={"inputs": [np.zeros((27, 28), int).tolist()]}), 422, "28x28"),
     (dict(json={"inputs": [[[1, 2], [3]]]}), 422, "equally shaped"),
     (dict(json={"inputs": [np.full((28, 28), 300).tolist()]}), 422, "between 0 and 255"),
@@ -225,9 +234,9 @@ def test_oversize_image_dimensions_are_refused_before_decoding(server):
 
     _, base = server
     buffer = io.BytesIO()
-    Image.new("L", (3000, 10)).save(buffer, "PNG")  # tiny file, too wide
+    Image.new("L", (3000, 400)).save(buffer, "PNG")  # a tiny file of 1.2 Mpixel, over the server's --max-pixels
     response = httpx.post(base + "/predict", files={"file": ("wide.png", buffer.getvalue(), "image/png")})
-    assert response.status_code == 422 and "3000x10" in response.json()["error"]
+    assert response.status_code == 413 and "3000x400" in response.json()["error"]
 
 
 def batch_counts(base: str) -> tuple[float, float]:

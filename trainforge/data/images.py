@@ -29,6 +29,8 @@ IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".
 # Largest image (width x height) any path decodes: 8192 x 8192, a 192 MiB RGB array, below Pillow's own
 # decompression-bomb threshold (89 Mpixel) so that this check, not Pillow's warning, is what a user meets.
 MAX_IMAGE_PIXELS = 1 << 26
+_SIGNATURES = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"BM", "BMP"), (b"GIF87a", "GIF"),
+               (b"GIF89a", "GIF"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"))
 _GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N"})
 
 
@@ -52,10 +54,7 @@ def open_image(source: bytes | str | os.PathLike, name: str | None = None, max_p
     try:
         image = Image.open(target, formats=FORMATS)
     except UnidentifiedImageError:
-        empty = not source if isinstance(source, bytes) else os.path.getsize(source) == 0
-        what = "empty file" if empty else _format_of(source)
-        raise ImageError(f"{name}: {what}; expected {FORMAT_NAMES}", "unreadable" if empty else "unsupported"
-                         ) from None
+        raise _unidentified(source, name) from None
     except Image.DecompressionBombError:
         raise ImageError(f"{name}: image of more than {2 * Image.MAX_IMAGE_PIXELS:,} pixels; at most "
                          f"{max_pixels:,} are accepted", "too_large") from None
@@ -118,6 +117,23 @@ def is_grayscale(image) -> bool:
         palette = image.getpalette() or []
         return all(palette[i] == palette[i + 1] == palette[i + 2] for i in range(0, len(palette) - 2, 3))
     return False
+
+
+def _unidentified(source: bytes | str | os.PathLike, name: str) -> ImageError:
+    # Pillow reports a corrupt header of an accepted format as an unknown format: the signature tells them apart.
+    if isinstance(source, bytes):
+        head = source[:12]
+    else:
+        with open(source, "rb") as handle:
+            head = handle.read(12)
+    if not head:
+        return ImageError(f"{name}: empty file; expected {FORMAT_NAMES}", "unreadable")
+    known = next((f for signature, f in _SIGNATURES if head.startswith(signature)), None)
+    if known is None and head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        known = "WebP"
+    if known is not None:
+        return ImageError(f"{name}: not a readable {known} image (corrupt header)", "unreadable")
+    return ImageError(f"{name}: {_format_of(source)}; expected {FORMAT_NAMES}", "unsupported")
 
 
 def _format_of(source: bytes | str | os.PathLike) -> str:
