@@ -9,6 +9,7 @@ import signal
 import socket
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -146,7 +147,8 @@ MAX_BODY = 200_000
 def server(onnx_file):
     # A long batching window makes "concurrent requests share a batch" certain rather than timing-dependent.
     proc, base = start_server(onnx_file, "--max-batch", "32", "--max-wait-ms", "200", "--max-body-bytes",
-                              str(MAX_BODY), "--max-images", "16", "--max-pixels", str(MAX_PIXELS))
+                              str(MAX_BODY), "--max-images", "16", "--max-pixels", str(MAX_PIXELS),
+                              "--body-timeout", "1.5")
     yield proc, base
     proc.kill()
     proc.wait()
@@ -237,6 +239,91 @@ def test_oversize_image_dimensions_are_refused_before_decoding(server):
     Image.new("L", (3000, 400)).save(buffer, "PNG")  # a tiny file of 1.2 Mpixel, over the server's --max-pixels
     response = httpx.post(base + "/predict", files={"file": ("wide.png", buffer.getvalue(), "image/png")})
     assert response.status_code == 413 and "3000x400" in response.json()["error"]
+
+
+def rejected(base: str, reason: str) -> float:
+    prefix = f'trainforge_rejected_total{{reason="{reason}"}} '
+    return sum(float(line.split(" ")[1]) for line in httpx.get(base + "/metrics").text.splitlines()
+               if line.startswith(prefix))
+
+
+def test_pixel_budget_of_a_request_is_checked_from_headers(server):
+    _, base = server
+    before = rejected(base, "pixel_budget")
+    image = png_bytes(np.zeros((800, 800), dtype=np.uint8))  # 640,000 pixels each: two exceed the budget
+    files = [("file", (f"{i}.png", image, "image/png")) for i in range(2)]
+    response = httpx.post(base + "/predict", files=files)
+    assert response.status_code == 413 and f"more than {MAX_PIXELS:,} pixels in all" in response.json()["error"]
+    assert rejected(base, "pixel_budget") == before + 1
+    assert httpx.post(base + "/predict", files=files[:1]).status_code == 200
+
+
+def test_a_slow_body_is_answered_408_and_counted(server):
+    _, base = server
+    port = int(base.rsplit(":", 1)[1])
+    before = rejected(base, "body_timeout")
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(b"POST /predict HTTP/1.1\r\nHost: t\r\nContent-Type: image/png\r\nContent-Length: 1000\r\n\r\n"
+                     b"\x89PNG")  # and then nothing: the server's --body-timeout is 1.5 s
+        reply = sock.recv(65536)
+    assert reply.startswith(b"HTTP/1.1 408") and b"did not arrive within 1.5 s" in reply
+    assert rejected(base, "body_timeout") == before + 1
+
+
+def in_process_app(predict: Any) -> Any:
+    from trainforge.deploy.app import Predictor, create_app
+    from trainforge.runs import ModelInfo
+
+    info = ModelInfo(model="linear", num_classes=2, classes=["a", "b"], in_channels=1, image_size=4, mean=[0.5],
+                     std=[0.25])
+    return create_app(Predictor("torch", predict, info), max_batch=4, max_wait_ms=1)
+
+
+async def _ask(app, *requests):
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+            return [await request(client) for request in requests]
+
+
+def test_internal_errors_answer_a_generic_500_and_log_the_details(caplog):
+    def broken(images):
+        raise RuntimeError("secret detail /srv/models/x")
+
+    app = in_process_app(broken)
+    post = lambda c: c.post("/predict", content=png_bytes(np.zeros((4, 4), np.uint8)),  # noqa: E731
+                            headers={"content-type": "image/png"})
+    response, metrics = asyncio.run(_ask(app, post, lambda c: c.get("/metrics")))
+    assert response.status_code == 500 and "secret" not in response.text and "server log" in response.json()["error"]
+    assert 'trainforge_rejected_total{reason="internal_error"} 1.0' in metrics.text
+    assert "secret detail" in caplog.text
+
+
+def test_images_decode_off_the_event_loop(monkeypatch):
+    import threading
+
+    from trainforge.deploy import app as app_module
+
+    entered, release = threading.Event(), threading.Event()
+    decode = app_module.decode
+
+    def slow_decode(*args):
+        entered.set()
+        release.wait(10)  # a decoder that blocks the event loop would stall /health until this times out
+        return decode(*args)
+
+    monkeypatch.setattr(app_module, "decode", slow_decode)
+    app = in_process_app(lambda images: np.zeros((len(images), 2), np.float32))
+
+    async def scenario(client):
+        pending = asyncio.create_task(client.post("/predict", content=png_bytes(np.zeros((4, 4), np.uint8)),
+                                                  headers={"content-type": "image/png"}))
+        await asyncio.to_thread(entered.wait, 10)
+        health = await client.get("/health")
+        answered_while_decoding = not release.is_set()
+        release.set()
+        return health.status_code, answered_while_decoding, (await pending).status_code
+
+    assert asyncio.run(_ask(app, scenario)) == [(200, True, 200)]
 
 
 def batch_counts(base: str) -> tuple[float, float]:
