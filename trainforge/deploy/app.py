@@ -182,14 +182,11 @@ def create_app(predictor: Predictor, max_batch: int = 64, max_wait_ms: float = 5
 
     app = FastAPI(title="trainforge", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.metrics = metrics
-    side: Any = "H" if predictor.any_size else info.image_size
+    health_answer = _health(predictor, max_batch, max_wait_ms, limits)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "backend": predictor.backend, "model": info.model, "classes": info.classes,
-                "input": {"dtype": "uint8", "shape": ["N", info.in_channels, side, "W" if side == "H" else side],
-                          "model_size": info.image_size},
-                "max_batch": max_batch, "max_wait_ms": max_wait_ms, "limits": dataclasses.asdict(limits)}
+        return health_answer
 
     @app.get("/metrics")
     async def prometheus() -> Response:
@@ -226,6 +223,14 @@ def create_app(predictor: Predictor, max_batch: int = 64, max_wait_ms: float = 5
     # reads the raw request), took a fifth of the event loop's time under load.
     app.add_route("/predict", predict, methods=["POST"])
     return app
+
+
+def _health(predictor: Predictor, max_batch: int, max_wait_ms: float, limits: Limits) -> dict[str, Any]:
+    info = predictor.info
+    height, width = ("H", "W") if predictor.any_size else (info.image_size, info.image_size)
+    return {"status": "ok", "backend": predictor.backend, "model": info.model, "classes": info.classes,
+            "input": {"dtype": "uint8", "shape": ["N", info.in_channels, height, width], "model_size": info.image_size},
+            "max_batch": max_batch, "max_wait_ms": max_wait_ms, "limits": dataclasses.asdict(limits)}
 
 
 # Images of one shape, as one array [n, C, H, W], and the positions in the request they came from.
