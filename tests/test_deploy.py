@@ -9,6 +9,7 @@ import signal
 import socket
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -33,16 +34,18 @@ def onnx_file(small_cnn_run, tmp_path_factory) -> Path:
     return out
 
 
-def test_onnx_export_keeps_load_contract_with_dynamic_batch(small_cnn_run, onnx_file, mnist):
+def test_onnx_export_keeps_load_contract_with_dynamic_batch_and_size(small_cnn_run, onnx_file, mnist):
     import trainforge
     from trainforge.deploy import read_onnx_info
 
     model = trainforge.load(small_cnn_run)
     session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
     (inp,) = session.get_inputs()
-    assert inp.type == "tensor(uint8)" and inp.shape[1:] == [1, 28, 28] and not isinstance(inp.shape[0], int)
-    for n in (1, 7, 300):  # batch sizes other than the export example's
+    assert inp.type == "tensor(uint8)" and inp.shape[1] == 1
+    assert not any(isinstance(d, int) for d in (inp.shape[0], *inp.shape[2:]))
+    for n, size in ((1, 28), (7, 28), (300, 28), (3, 45)):  # batch sizes and an image size other than the example's
         images = mnist.test.images[-n:]
+        images = torch.nn.functional.interpolate(images.float(), size=size).to(torch.uint8) if size != 28 else images
         got = session.run(None, {inp.name: images.numpy()})[0]
         with torch.inference_mode():
             want = model(images).numpy()
@@ -62,8 +65,10 @@ def test_pt2_export_roundtrip(small_cnn_run, tmp_path, mnist):
     assert result["parity"]["max_abs_diff"] <= 1e-4 and result["parity"]["top1_agreement"] >= 0.999
     module, info = load_program(out)
     images = mnist.test.images[:5]
+    larger = torch.nn.functional.interpolate(images.float(), size=(37, 53)).to(torch.uint8)
     with torch.inference_mode():
-        torch.testing.assert_close(module(images), trainforge.load(small_cnn_run)(images), atol=1e-4, rtol=0)
+        for batch in (images, larger):
+            torch.testing.assert_close(module(batch), trainforge.load(small_cnn_run)(batch), atol=1e-4, rtol=0)
     assert info.classes == [str(i) for i in range(10)]
 
 
@@ -134,6 +139,7 @@ def test_auto_backend_keeps_the_fastest_on_given_timings():
 
 # --- a real server process ---------------------------------------------------------------------------------------
 
+MAX_PIXELS = 1_000_000
 MAX_BODY = 200_000
 
 
@@ -141,7 +147,8 @@ MAX_BODY = 200_000
 def server(onnx_file):
     # A long batching window makes "concurrent requests share a batch" certain rather than timing-dependent.
     proc, base = start_server(onnx_file, "--max-batch", "32", "--max-wait-ms", "200", "--max-body-bytes",
-                              str(MAX_BODY), "--max-images", "16")
+                              str(MAX_BODY), "--max-images", "16", "--max-pixels", str(MAX_PIXELS),
+                              "--body-timeout", "1.5")
     yield proc, base
     proc.kill()
     proc.wait()
@@ -167,7 +174,8 @@ def test_health_and_valid_requests(server, small_cnn_run, mnist):
     _, base = server
     health = httpx.get(base + "/health").json()
     assert health["status"] == "ok" and health["backend"] == "onnxruntime"
-    assert health["input"]["shape"] == ["N", 1, 28, 28] and health["max_batch"] == 32
+    assert health["input"]["shape"] == ["N", 1, "H", "W"] and health["input"]["model_size"] == 28
+    assert health["max_batch"] == 32 and health["limits"]["max_pixels"] == MAX_PIXELS
 
     images = mnist.test.images[:3]
     want = expected_labels(small_cnn_run, images)
@@ -182,15 +190,18 @@ def test_health_and_valid_requests(server, small_cnn_run, mnist):
     response = httpx.post(base + "/predict", content=png_bytes(images[0, 0].numpy()),
                           headers={"content-type": "image/png"})
     assert response.status_code == 200 and response.json()["predictions"][0]["label"] == want[0]
-    # An image of another size is resized on the server, like `trainforge predict` resizes inside the model.
+    # An image of another size is resized inside the model, as by `trainforge predict`.
     big = np.kron(images[0, 0].numpy(), np.ones((2, 2), dtype=np.uint8))
     response = httpx.post(base + "/predict", files={"file": ("big.png", png_bytes(big), "image/png")})
     assert response.status_code == 200
 
 
 @pytest.mark.parametrize("kwargs, status, message", [
-    (dict(files={"file": ("x.png", b"\x89PNG\r\n\x1a\n-not-really", "image/png")}), 422, "PNG/JPEG"),
-    (dict(content=b"GIF89a" + bytes(100), headers={"content-type": "image/png"}), 422, "PNG/JPEG"),
+    (dict(files={"file": ("x.png", b"\x89PNG\r\n\x1a\n-not-really", "image/png")}), 422, "x.png: not a readable"),
+    (dict(content=b"GIF89a" + bytes(100), headers={"content-type": "image/png"}), 422, "body: not a readable"),
+    (dict(content=b"BM" + bytes(100), headers={"content-type": "image/png"}), 422, "body: not a readable"),
+    (dict(content=b"II*\x00" + bytes(100), headers={"content-type": "image/tiff"}), 422, "body: not a readable"),
+    (dict(content=b"hello", headers={"content-type": "image/png"}), 415, "not an image in a supported format"),
     (dict(json={"inputs": [np.zeros((27, 28), int).tolist()]}), 422, "28x28"),
     (dict(json={"inputs": [[[1, 2], [3]]]}), 422, "equally shaped"),
     (dict(json={"inputs": [np.full((28, 28), 300).tolist()]}), 422, "between 0 and 255"),
@@ -225,9 +236,94 @@ def test_oversize_image_dimensions_are_refused_before_decoding(server):
 
     _, base = server
     buffer = io.BytesIO()
-    Image.new("L", (3000, 10)).save(buffer, "PNG")  # tiny file, too wide
+    Image.new("L", (3000, 400)).save(buffer, "PNG")  # a tiny file of 1.2 Mpixel, over the server's --max-pixels
     response = httpx.post(base + "/predict", files={"file": ("wide.png", buffer.getvalue(), "image/png")})
-    assert response.status_code == 422 and "3000x10" in response.json()["error"]
+    assert response.status_code == 413 and "3000x400" in response.json()["error"]
+
+
+def rejected(base: str, reason: str) -> float:
+    prefix = f'trainforge_rejected_total{{reason="{reason}"}} '
+    return sum(float(line.split(" ")[1]) for line in httpx.get(base + "/metrics").text.splitlines()
+               if line.startswith(prefix))
+
+
+def test_pixel_budget_of_a_request_is_checked_from_headers(server):
+    _, base = server
+    before = rejected(base, "pixel_budget")
+    image = png_bytes(np.zeros((800, 800), dtype=np.uint8))  # 640,000 pixels each: two exceed the budget
+    files = [("file", (f"{i}.png", image, "image/png")) for i in range(2)]
+    response = httpx.post(base + "/predict", files=files)
+    assert response.status_code == 413 and f"more than {MAX_PIXELS:,} pixels in all" in response.json()["error"]
+    assert rejected(base, "pixel_budget") == before + 1
+    assert httpx.post(base + "/predict", files=files[:1]).status_code == 200
+
+
+def test_a_slow_body_is_answered_408_and_counted(server):
+    _, base = server
+    port = int(base.rsplit(":", 1)[1])
+    before = rejected(base, "body_timeout")
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(b"POST /predict HTTP/1.1\r\nHost: t\r\nContent-Type: image/png\r\nContent-Length: 1000\r\n\r\n"
+                     b"\x89PNG")  # and then nothing: the server's --body-timeout is 1.5 s
+        reply = sock.recv(65536)
+    assert reply.startswith(b"HTTP/1.1 408") and b"did not arrive within 1.5 s" in reply
+    assert rejected(base, "body_timeout") == before + 1
+
+
+def in_process_app(predict: Any) -> Any:
+    from trainforge.deploy.app import Predictor, create_app
+    from trainforge.runs import ModelInfo
+
+    info = ModelInfo(model="linear", num_classes=2, classes=["a", "b"], in_channels=1, image_size=4, mean=[0.5],
+                     std=[0.25])
+    return create_app(Predictor("torch", predict, info), max_batch=4, max_wait_ms=1)
+
+
+async def _ask(app, *requests):
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+            return [await request(client) for request in requests]
+
+
+def test_internal_errors_answer_a_generic_500_and_log_the_details(caplog):
+    def broken(images):
+        raise RuntimeError("secret detail /srv/models/x")
+
+    app = in_process_app(broken)
+    post = lambda c: c.post("/predict", content=png_bytes(np.zeros((4, 4), np.uint8)),  # noqa: E731
+                            headers={"content-type": "image/png"})
+    response, metrics = asyncio.run(_ask(app, post, lambda c: c.get("/metrics")))
+    assert response.status_code == 500 and "secret" not in response.text and "server log" in response.json()["error"]
+    assert 'trainforge_rejected_total{reason="internal_error"} 1.0' in metrics.text
+    assert "secret detail" in caplog.text
+
+
+def test_images_decode_off_the_event_loop(monkeypatch):
+    import threading
+
+    from trainforge.deploy import app as app_module
+
+    entered, release = threading.Event(), threading.Event()
+    decode = app_module.decode
+
+    def slow_decode(*args):
+        entered.set()
+        release.wait(10)  # a decoder that blocks the event loop would stall /health until this times out
+        return decode(*args)
+
+    monkeypatch.setattr(app_module, "decode", slow_decode)
+    app = in_process_app(lambda images: np.zeros((len(images), 2), np.float32))
+
+    async def scenario(client):
+        pending = asyncio.create_task(client.post("/predict", content=png_bytes(np.zeros((4, 4), np.uint8)),
+                                                  headers={"content-type": "image/png"}))
+        await asyncio.to_thread(entered.wait, 10)
+        health = await client.get("/health")
+        answered_while_decoding = not release.is_set()
+        release.set()
+        return health.status_code, answered_while_decoding, (await pending).status_code
+
+    assert asyncio.run(_ask(app, scenario)) == [(200, True, 200)]
 
 
 def batch_counts(base: str) -> tuple[float, float]:

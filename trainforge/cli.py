@@ -21,7 +21,7 @@ from typing import Any, Callable, NoReturn, Sequence
 VERBS: dict[str, tuple[str, str]] = {
     "train": ("trainforge.train.command", "train an image classifier"),
     "eval": ("trainforge.eval", "evaluate a run's model on a test set"),
-    "predict": ("trainforge.predict", "classify image files (PNG/JPEG/.npy) with a run's model"),
+    "predict": ("trainforge.predict", "classify image files or folders of them with a run's model"),
     "models": ("trainforge.models.command", "list the registered models and recipes"),
     "datasets": ("trainforge.datasets", "show which built-in data sets are here, from where, and whether they verify"),
     "finetune": ("trainforge.finetune.command", "fine-tune a pretrained model (full, linear probe, LoRA, gradual; --update)"),

@@ -4,18 +4,25 @@ SOURCE is a run directory or an ONNX file written by `trainforge export`. A .pt2
 loading one unpickles Python objects, so a crafted file could run code on the server.
 
 Endpoints:
-  POST /predict   an image (PNG/JPEG) as multipart/form-data (one or more files) or as the raw body
-                  (Content-Type image/png or image/jpeg), or JSON {"inputs": [image, ...]} where each image is a
-                  HxW (or CxHxW) nested list of 0-255 values of the model's input size;
+  POST /predict   images (PNG, JPEG, BMP, WebP, 8-bit TIFF, GIF) as multipart/form-data (one or more files) or as
+                  the raw body (Content-Type image/png, image/jpeg, ...), or JSON {"inputs": [image, ...]} where
+                  each image is a HxW (or CxHxW) nested list of 0-255 values of the model's input size;
                   answers {"predictions": [{"label", "index", "confidence"}, ...]} in input order
-  GET  /health    {"status": "ok", backend, model, classes, input shape, batching settings}
-  GET  /metrics   Prometheus text: requests and errors by status, images, batch sizes, latency histograms
+  GET  /health    {"status": "ok", backend, model, classes, input shape, batching settings, limits}
+  GET  /metrics   Prometheus text: requests and errors by status, refusals by reason, images, batch sizes,
+                  latency histograms
 
 Concurrent requests are grouped into one model call of up to --max-batch images, waiting at most --max-wait-ms
 for a batch to fill while further requests are being received (requests that arrive while the model runs form the
-next batch). Uploaded images of another size are resized to the model's input on the server. Bad input is
-answered with a 4xx JSON {"error": ...} and the server keeps serving; Ctrl-C / SIGTERM stops accepting connections
-and finishes the requests in flight before exiting.
+next batch). Uploaded images are decoded by the same decoder as `predict` and training folders, in a pool of worker
+threads off the event loop, and resized to the model's input inside the model, as everywhere else.
+
+Hostile or broken clients: a body must arrive within --body-timeout seconds (408) and hold at most --max-body-bytes
+(413) and --max-images images (413); the images' sizes are read from their headers and the request refused (413)
+before any pixel is decoded when together they exceed --max-pixels. Other formats are answered 415, corrupt images
+422, always as JSON {"error": ...}; a failure inside the server is answered 500 with a generic message (the details
+go to the server log on stderr). The server keeps serving; Ctrl-C / SIGTERM stops accepting connections and
+finishes the requests in flight before exiting.
 
 --backend auto (the default) serves a run directory with the faster of ONNX Runtime and PyTorch, timed on a full
 batch at start-up (on CPUs ONNX Runtime usually wins by several times for the small models here); an .onnx file
@@ -42,6 +49,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 
 from . import runs
+from .data.images import MAX_IMAGE_PIXELS
 from .errors import DeployError
 
 if TYPE_CHECKING:
@@ -64,8 +72,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-body-bytes", type=int, default=8 << 20,
                         help="largest accepted request body (default: 8 MiB)")
     parser.add_argument("--max-images", type=int, default=256, help="most images in one request (default: 256)")
-    parser.add_argument("--max-side", type=int, default=2048,
-                        help="largest accepted width or height of an uploaded image (default: 2048)")
+    parser.add_argument("--max-pixels", type=int, default=MAX_IMAGE_PIXELS,
+                        help=f"most decoded pixels (width x height, summed over its images) of one request; "
+                             f"checked from the image headers before decoding (default: {MAX_IMAGE_PIXELS:,})")
+    parser.add_argument("--body-timeout", type=float, default=30.0,
+                        help="seconds a client may take to send a request body (default: 30)")
 
 
 # --- loading the model -------------------------------------------------------------------------------------------
@@ -99,13 +110,15 @@ def load_predictor(source: str | os.PathLike, backend: str = "auto", threads: in
                 export_onnx(model, path, example, info=model.info)
                 return onnx_predictor(onnx_session(path.read_bytes(), threads, spin=False))
         candidates["onnxruntime"] = via_onnx
-        info = model.info
+        info, any_size = model.info, True
     elif source.suffix == ".onnx" and source.is_file():
         if backend == "torch":
             raise DeployError(f"{source}: an ONNX file runs on --backend onnxruntime, not torch")
         session = onnx_session(source, threads, spin=False)
         info = read_onnx_info(source) or _info_from_session(session, source)
         candidates = {"onnxruntime": lambda: onnx_predictor(session)}
+        # A graph exported with fixed height and width takes the model's input size only.
+        any_size = not all(isinstance(d, int) for d in session.get_inputs()[0].shape[2:])
     elif source.suffix == ".pt2":
         raise DeployError(f"{source}: .pt2 programs are not served: loading one unpickles Python objects, which a "
                           f"crafted file can use to run code; serve the run directory or an ONNX export of it "
@@ -117,11 +130,11 @@ def load_predictor(source: str | os.PathLike, backend: str = "auto", threads: in
     built = {name: candidates[name]() for name in names}
     if len(built) == 1:
         name = names[0]
-        return Predictor(name, built[name], info)
+        return Predictor(name, built[name], info, any_size)
     probe = np.random.default_rng(0).integers(0, 256, (probe_batch, info.in_channels, info.image_size,
                                                        info.image_size), dtype=np.uint8)
     fastest = fastest_backend({name: _median_seconds(fn, probe) for name, fn in built.items()})
-    return Predictor(fastest, built[fastest], info)
+    return Predictor(fastest, built[fastest], info, any_size)
 
 
 def fastest_backend(seconds: dict[str, float]) -> str:
@@ -173,9 +186,11 @@ def serve(source: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, 
     if not 0 <= port <= 65535:
         raise DeployError(f"--port must be between 0 and 65535, got {port}")
     for name, value in (("--max-body-bytes", limits.max_body_bytes), ("--max-images", limits.max_images),
-                        ("--max-side", limits.max_side)):
+                        ("--max-pixels", limits.max_pixels)):
         if value < 1:
             raise DeployError(f"{name} must be >= 1, got {value}")
+    if not 0 < limits.body_timeout_s <= 3600:
+        raise DeployError(f"--body-timeout must be between 0 and 3600 seconds, got {limits.body_timeout_s}")
     predictor = load_predictor(source, backend, threads, probe_batch=max_batch)
     app = create_app(predictor, max_batch, max_wait_ms, limits)
     # Binding here, not inside uvicorn, turns "address in use" into a one-line error and makes port 0 usable.
@@ -196,7 +211,7 @@ def serve(source: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, 
 def run(args: argparse.Namespace) -> None:
     from .deploy.app import Limits
 
-    limits = Limits(args.max_body_bytes, args.max_images, args.max_side)
+    limits = Limits(args.max_body_bytes, args.max_images, args.max_pixels, args.body_timeout)
     quiet = args.json or args.quiet
     serve(args.source, args.host, args.port, args.max_batch, args.max_wait_ms, args.backend, args.threads, limits,
           announce=None if quiet else lambda line: print(line, file=sys.stderr, flush=True))

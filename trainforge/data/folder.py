@@ -1,4 +1,8 @@
-"""Image folders: one sub-folder per class holding PNG/JPEG files, loaded fully into memory or streamed.
+"""Image folders: one sub-folder per class holding image files, loaded fully into memory or streamed.
+
+Images are decoded by the shared decoder (trainforge.data.images: PNG, JPEG, BMP, WebP, 8-bit TIFF, GIF; each checked
+against the per-image pixel cap from its header before decoding) and resized to the training size by the model's
+own resize (trainforge.models.registry.resize_images), rounded to uint8.
 
 Layout: <root>/<class>/<image>, or <root>/train/<class>/<image> with <root>/val/<class>/<image> beside it.
 """
@@ -6,17 +10,18 @@ Layout: <root>/<class>/<image>, or <root>/train/<class>/<image> with <root>/val/
 import math
 import os
 import pathlib
+import re
 from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.utils.data
-from torchvision.io import ImageReadMode, decode_image
-from torchvision.transforms.v2 import functional as F
 
+from trainforge.data.images import FORMAT_NAMES, IMAGE_SUFFIXES, is_grayscale, open_image, read_image
 from trainforge.data.loaders import stratified_split
 from trainforge.data.sources import ImageSet
 from trainforge.errors import ConfigError, DataError
+from trainforge.models.registry import resize_images
 
 __all__ = [
     "FolderDataset",
@@ -30,8 +35,7 @@ __all__ = [
     "streaming_loader",
 ]
 
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg"})
-# How many images infer_image_format decodes to choose grayscale or RGB: enough to catch a folder of color
+# How many image headers infer_image_format reads to choose grayscale or RGB: enough to catch a folder of color
 # images, few enough that inspecting a large folder costs little next to loading it.
 _CHANNEL_SAMPLE = 32
 
@@ -44,12 +48,13 @@ def _scan_classes(root: pathlib.Path) -> dict[str, list[pathlib.Path]]:
     if not class_dirs:
         loose = any(p.suffix.lower() in IMAGE_SUFFIXES for p in root.iterdir())
         hint = "; images found directly in it, move them into one sub-folder per class" if loose else ""
-        raise DataError(f"{root}: no class folders (expected one sub-folder of PNG/JPEG images per class{hint})")
+        raise DataError(f"{root}: no class folders (expected one sub-folder of images per class{hint})")
     classes = {}
     for d in class_dirs:
         files = sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         if not files:
-            raise DataError(f"{d}: empty class folder (expected PNG/JPEG files: .png, .jpg or .jpeg)")
+            raise DataError(f"{d}: empty class folder (expected {FORMAT_NAMES} files: "
+                            f"{', '.join(sorted(IMAGE_SUFFIXES))})")
         classes[d.name] = files
     return classes
 
@@ -98,23 +103,6 @@ def split_stratified(files: LabelledFiles, val_fraction: float, seed: int) -> tu
     return [files[i] for i in kept.tolist()], [files[i] for i in held.tolist()]
 
 
-def _read_image(path: pathlib.Path, mode: ImageReadMode) -> torch.Tensor:
-    """Decodes one image file to a uint8 [C, H, W] tensor, raising DataError naming the file if it cannot."""
-    try:
-        data = bytearray(path.read_bytes())
-    except OSError as e:
-        raise DataError(f"{path}: cannot read image ({e.strerror or e})") from None
-    if not data:
-        raise DataError(f"{path}: empty file (expected a PNG or JPEG image)")
-    try:
-        image = decode_image(torch.frombuffer(data, dtype=torch.uint8), mode=mode)
-    except (RuntimeError, ValueError) as e:
-        raise DataError(f"{path}: cannot decode image (expected a PNG or JPEG image; {e})") from None
-    if image.dtype != torch.uint8:  # 16-bit PNGs
-        image = F.to_dtype(image, torch.uint8, scale=True)
-    return image
-
-
 def _size_pair(image_size: int | tuple[int, int]) -> tuple[int, int]:
     size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     if len(size) != 2 or min(size) < 1:
@@ -122,10 +110,10 @@ def _size_pair(image_size: int | tuple[int, int]) -> tuple[int, int]:
     return size  # type: ignore[return-value]
 
 
-def _mode(channels: int) -> ImageReadMode:
+def _check_channels(channels: int) -> int:
     if channels not in (1, 3):
         raise ConfigError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels!r}")
-    return ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
+    return channels
 
 
 def infer_image_format(
@@ -137,35 +125,41 @@ def infer_image_format(
     """Returns (channels, (height, width)) that loading `files` will produce, filling in what is not given.
 
     Default size: the first file's. Default channels: 1 if every sampled file (up to 32, spread over the list)
-    is grayscale (with or without alpha), else 3.
+    is grayscale (with or without alpha, or a palette of grays), else 3; both read from headers only.
     """
     if not files:
         raise DataError("no image files to load")
     size = None if image_size is None else _size_pair(image_size)
     if channels is not None:
-        _mode(channels)
+        _check_channels(channels)
     if size is None:
-        size = tuple(_read_image(files[0][0], ImageReadMode.UNCHANGED).shape[-2:])
+        with open_image(files[0][0]) as image:
+            size = (image.height, image.width)
     if channels is None:
         step = math.ceil(len(files) / _CHANNEL_SAMPLE)
-        sample = [_read_image(f, ImageReadMode.UNCHANGED) for f, _ in files[::step]]
-        channels = 1 if all(image.shape[0] <= 2 for image in sample) else 3
+        channels = 1 if all(_header_is_gray(f) for f, _ in files[::step]) else 3
     return channels, size  # type: ignore[return-value]
 
 
-def _load(path: pathlib.Path, size: tuple[int, int], mode: ImageReadMode) -> torch.Tensor:
-    image = _read_image(path, mode)
+def _header_is_gray(path: pathlib.Path) -> bool:
+    with open_image(path) as image:
+        return is_grayscale(image)
+
+
+def _load(path: pathlib.Path, size: tuple[int, int], channels: int) -> torch.Tensor:
+    image = torch.from_numpy(read_image(path, channels))
     if tuple(image.shape[-2:]) != size:
-        image = F.resize(image, list(size), antialias=True)
+        resized = resize_images(image[None].float(), size)[0]
+        image = resized.round_().clamp_(0, 255).to(torch.uint8)
     return image
 
 
 def decode_files(files: LabelledFiles, size: tuple[int, int], channels: int, classes: list[str]) -> ImageSet:
     """Decodes `files` into one uint8 ImageSet of `channels` x size, raising DataError naming any bad file."""
-    mode = _mode(channels)
+    _check_channels(channels)
     images = torch.empty((len(files), channels, *size), dtype=torch.uint8)
     for i, (path, _) in enumerate(files):
-        images[i] = _load(path, size, mode)
+        images[i] = _load(path, size, channels)
     labels = torch.tensor([label for _, label in files], dtype=torch.int64)
     return ImageSet(images=images, labels=labels, classes=classes)
 
@@ -182,7 +176,7 @@ def load_image_folder(
 
     Uses the folder's own train/ and val/ when present, else a seeded stratified split (see split_stratified;
     val may then be empty). Every image is converted to `channels` and resized to image_size x image_size
-    (antialiased); defaults come from infer_image_format. Raises DataError naming any file that cannot be
+    (by the models' resize, rounded); defaults come from infer_image_format. Raises DataError naming any file that cannot be
     decoded, and for the layout problems scan_image_folder reports.
     """
     train_files, val_files, classes = scan_image_folder(path)
@@ -207,15 +201,14 @@ class FolderDataset(torch.utils.data.Dataset):
     def __init__(self, files: LabelledFiles, image_size: int | tuple[int, int], channels: int) -> None:
         self.files = list(files)
         self.size = _size_pair(image_size)
-        self.channels = channels
-        self._mode = _mode(channels)
+        self.channels = _check_channels(channels)
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         path, label = self.files[index]
-        return _load(path, self.size, self._mode), label
+        return _load(path, self.size, self.channels), label
 
 
 class _ShardedBatches(torch.utils.data.Sampler[list[int]]):
@@ -288,14 +281,14 @@ class StreamingLoader:
                 yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
         except DataError as e:
             message = str(e)
-            if not message.startswith("Caught DataError"):
+            if not message.startswith("Caught "):
                 raise
             # The re-raised worker error's traceback is in a reference cycle with it, which would keep the
             # DataLoader's iterator alive until a garbage collection, whose finalizer then waits seconds for
             # the workers; dropping the traceback lets the iterator shut its workers down promptly.
             e.__traceback__ = None
             # A worker's error arrives wrapped in its traceback text; keep the one line a user needs.
-            raise DataError(message.rstrip().splitlines()[-1].split("DataError: ", 1)[-1]) from None
+            raise DataError(re.sub(r"^[\w.]*Error: ", "", message.rstrip().splitlines()[-1])) from None
 
 
 def streaming_loader(dataset: torch.utils.data.Dataset, *, batch_size: int, shuffle: bool, seed: int,

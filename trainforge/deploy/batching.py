@@ -32,7 +32,8 @@ class DynamicBatcher:
     """Groups concurrent `submit` calls into batches of up to `max_batch` images for `predict`.
 
     `predict(uint8 [N, C, H, W]) -> float32 logits [N, K]` runs in a single background thread, one batch at a time.
-    A request larger than `max_batch` runs as a batch of its own. `on_batch(size, seconds)` is called after each batch.
+    A request larger than `max_batch` runs as a batch of its own; only images of one shape share a batch (a request of
+    another shape starts the next one). `on_batch(size, seconds)` is called after each batch.
     """
 
     def __init__(self, predict: Callable[[np.ndarray], np.ndarray], max_batch: int, max_wait_ms: float,
@@ -118,7 +119,7 @@ class DynamicBatcher:
                 item = await self._next(deadline - loop.time())
                 if item is None:
                     break
-                if size + len(item.images) > self.max_batch:
+                if size + len(item.images) > self.max_batch or item.images.shape[1:] != first.images.shape[1:]:
                     self._carry = item
                     break
                 batch.append(item)

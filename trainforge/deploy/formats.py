@@ -1,7 +1,9 @@
 """The exported model formats, ONNX and torch.export programs (.pt2): write them, read them back, run them and
 compare them with the PyTorch model; used by `export`, `compress` and `serve`.
 
-Both keep the contract of `trainforge.load()`: raw uint8 images [N, C, H, W] in, logits out, dynamic batch axis.
+Both keep the contract of `trainforge.load()`: raw uint8 images [N, C, H, W] in, logits out, a dynamic batch axis.
+Both take images of any height and width (the resize to the model's input is in the graph), except ONNX graphs from
+the TorchScript fallback exporter, which take the model's input size only.
 """
 
 from __future__ import annotations
@@ -30,9 +32,12 @@ PT2_INFO_FILE = "model.json"
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 
 
-def _batch_dim() -> Any:
-    # Example inputs have batch 2: torch.export specializes sizes 0 and 1, which would freeze the batch axis.
-    return {0: torch.export.Dim("batch", min=1, max=1 << 20)}
+def _dynamic_axes() -> Any:
+    # Example inputs have batch 2: torch.export specializes sizes 0 and 1, which would freeze the batch axis. Height
+    # and width are free too: the graph resizes any image to the model's input, as `load()` does.
+    side = {"min": 1, "max": 1 << 16}
+    return {0: torch.export.Dim("batch", min=1, max=1 << 20), 2: torch.export.Dim("height", **side),
+            3: torch.export.Dim("width", **side)}
 
 
 def export_onnx(model: nn.Module, path: str | os.PathLike, example: torch.Tensor, opset: int | None = None,
@@ -93,7 +98,7 @@ def _run_exporter(exporter: str, model: nn.Module, example: torch.Tensor, target
             kwargs["opset_version"] = opset
         if exporter == "dynamo":
             torch.onnx.export(model, (example,), str(target), dynamo=True, external_data=False, verbose=False,
-                              dynamic_shapes=(_batch_dim(),), **kwargs)
+                              dynamic_shapes=(_dynamic_axes(),), **kwargs)
         else:
             torch.onnx.export(model, (example,), str(target), dynamo=False,
                               dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}, **kwargs)
@@ -180,7 +185,7 @@ def export_program(model: nn.Module, path: str | os.PathLike, example: torch.Ten
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            program = torch.export.export(model.eval(), (example,), dynamic_shapes=(_batch_dim(),))
+            program = torch.export.export(model.eval(), (example,), dynamic_shapes=(_dynamic_axes(),))
     except Exception as exc:  # torch.export raises many unrelated types for untraceable models
         raise DeployError(f"torch.export cannot capture the model ({str(exc).strip().splitlines()[0][:300]})"
                           ) from None

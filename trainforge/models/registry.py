@@ -116,6 +116,9 @@ class Preprocess(nn.Module):
         tensor even when `images` is already that."""
         x = images if images.dtype in (torch.uint8, torch.float32) else images.float()
         channels = x.shape[1]
+        if torch.compiler.is_exporting():
+            # An exported graph takes images of any size, so it always resizes (an identity at the model's size).
+            return self._adapt(x.float(), channels, always_resize=True)
         if channels != self.in_channels or x.shape[-2] != self.image_size or x.shape[-1] != self.image_size:
             x = self._adapt(x.float(), channels)
         return x.to(torch.float32, copy=fresh)
@@ -125,22 +128,30 @@ class Preprocess(nn.Module):
         shape = (1, self.in_channels, self.image_size, self.image_size)
         return self.scale.expand(shape).reshape(-1), self.shift.expand(shape).reshape(-1)
 
-    def _adapt(self, x: torch.Tensor, channels: int) -> torch.Tensor:
+    def _adapt(self, x: torch.Tensor, channels: int, always_resize: bool = False) -> torch.Tensor:
         # Resized while it has the fewer channels: a grayscale image is resized once, not once per copy.
         if channels == 1 and self.in_channels != 1:
-            return self._resize(x).expand(-1, self.in_channels, -1, -1)
+            return self._resize(x, always_resize).expand(-1, self.in_channels, -1, -1)
         if channels != self.in_channels:
             if channels == 3 and self.in_channels == 1:
                 x = (x * torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
             else:
                 raise ModelError(f"cannot adapt {channels}-channel images to a {self.in_channels}-channel model")
-        return self._resize(x)
+        return self._resize(x, always_resize)
 
-    def _resize(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-2] != self.image_size or x.shape[-1] != self.image_size:
-            x = nn.functional.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear",
-                                          align_corners=False)
+    def _resize(self, x: torch.Tensor, always: bool = False) -> torch.Tensor:
+        if always or x.shape[-2] != self.image_size or x.shape[-1] != self.image_size:
+            x = resize_images(x, (self.image_size, self.image_size))
         return x
+
+
+def resize_images(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Float images [N, C, H, W] resized to `size` (height, width): the one resize of every path (training data,
+    `load()`, exported graphs, serving), bilinear with antialiasing so that large images are averaged, not sampled.
+
+    Antialiased resizing exports as ONNX Resize with antialias=1 (opset 18 and later), which ONNX Runtime runs.
+    """
+    return nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
 
 
 class Classifier(nn.Module):
