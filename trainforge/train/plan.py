@@ -111,8 +111,8 @@ def _line(peaks: list[int]) -> tuple[int, int]:
 
 
 def measure(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, device: torch.device,
-            precision: str) -> SampleCost:
-    """The cost of training and evaluating `model` on batches like `images` (uint8, on any device)."""
+            precision: str, train: bool = True) -> SampleCost:
+    """The cost of training (unless not `train`: 0) and evaluating `model` on batches like `images`."""
     probe = copy.deepcopy(model)  # train-mode passes move batch-norm statistics and step-counting hooks
     idx = torch.arange(max(PROBE_SIZES)) % len(images)
     x, y = images[idx].to(device), labels[idx].to(device)
@@ -129,7 +129,7 @@ def measure(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, device
         def eval_pass(b: int) -> None:
             with torch.inference_mode(), autocast(device, precision):
                 probe(x[:b])
-        train_peaks = [_peak(lambda b=b: train_pass(b)) for b in PROBE_SIZES]
+        train_peaks = [_peak(lambda b=b: train_pass(b)) if train else 0 for b in PROBE_SIZES]
         probe.eval()
         eval_peaks = [_peak(lambda b=b: eval_pass(b)) for b in PROBE_SIZES]
     train_fixed, train_per_sample = _line(train_peaks)
@@ -169,6 +169,20 @@ def fit(cost: SampleCost, budget: int, budget_source: str, in_use: int, state: i
         eval_batch -= eval_batch % 8
     return MemoryPlan(budget=budget, budget_source=budget_source, in_use=in_use, state_bytes=state, cost=cost,
                       micro_batch=math.ceil(per_rank_batch / steps), accumulate=steps, eval_batch_size=eval_batch)
+
+
+def eval_batch_size(model: nn.Module, images: torch.Tensor, device: torch.device, precision: str,
+                    memory_budget: str | None, cap: int | None) -> tuple[int, str]:
+    """The largest evaluation batch (at most `cap`) of `model` that fits the budget beside what the process holds
+    now, and the line that says so; for verbs that only evaluate."""
+    from ..hardware import memory
+
+    budget, source = memory.budget(memory_budget, device)
+    cost = measure(model, images, images.new_zeros(len(images), dtype=torch.int64), device, precision, train=False)
+    room = budget - memory.in_use_bytes(device) - cost.eval_fixed
+    size = max(1, min(cap or EVAL_CAP, int(room // (cost.eval_per_sample * SAFETY))))
+    return size, (f"memory plan: budget {format_bytes(budget)} ({source}); an image costs "
+                  f"{format_bytes(cost.eval_per_sample)} to evaluate -> batches of {size}")
 
 
 def auto_batch_size(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, device: torch.device,
