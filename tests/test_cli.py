@@ -166,6 +166,8 @@ def _verb_invocations(tmp_path, trained_run, small_cnn_run, image) -> dict:
         "report": [str(trained_run), "--out", str(tmp_path / "r.html")],
         "hw": [],
         "bench": ["--model", "linear", "--device", "cpu", "--steps", "2", "--warmup", "0"],
+        "lr-find": ["--model", "linear", "--subset", "1000", "--batch-size", "128", "--steps", "10",
+                    "--out", str(tmp_path / "lr.png")],
     }
 
 

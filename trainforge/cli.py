@@ -33,6 +33,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "report": ("trainforge.report.command", "write one self-contained HTML report of one run or a comparison of runs"),
     "hw": ("trainforge.hw", "show this machine's devices and measure their ceilings"),
     "bench": ("trainforge.bench.command", "measure a model's training/inference speed and MFU per device"),
+    "lr-find": ("trainforge.lr_find", "suggest a learning rate by the range test, with its plot"),
 }
 
 

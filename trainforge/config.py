@@ -29,9 +29,10 @@ _short.maxlevel, _short.maxlist, _short.maxdict, _short.maxstring, _short.maxoth
 
 
 def option(default: Any, help: str, *, choices: tuple | None = None, low: float | None = None,
-           high: float | None = None, positive: bool = False) -> Any:
-    """A config field with help text and the bounds its values must respect."""
-    meta = {"help": help, "choices": choices, "low": low, "high": high, "positive": positive}
+           high: float | None = None, positive: bool = False, auto: bool = False) -> Any:
+    """A config field with help text and the bounds its values must respect; `auto`: the string "auto" is also a
+    value, which the run replaces by what it chooses."""
+    meta = {"help": help, "choices": choices, "low": low, "high": high, "positive": positive, "auto": auto}
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -61,9 +62,21 @@ class TrainConfig:
     width: int | None = option(None, "width multiplier input of models that take one (channels or hidden units)",
                                positive=True)
     epochs: float | None = option(None, "training epochs; fractions train part of the last epoch", positive=True)
-    batch_size: int | None = option(None, "global batch size (split across processes)", positive=True)
+    # batch_size and lr also take "auto"; the run records the number it chose in its config.yaml.
+    batch_size: int | None = option(None, "global batch size (split across processes), or auto: on a GPU the largest "
+                                          "power of two that fits, on the CPU the size past which samples/s stops "
+                                          "growing; the learning rate then follows by --lr-scaling",
+                                    positive=True, auto=True)
+    accumulate: int | None = option(None, "micro-batches per optimizer step (gradient accumulation; the global batch "
+                                          "stays --batch-size); the memory plan raises it when a batch does not fit, "
+                                          "and so does an out-of-memory error during training (default: 1 if the "
+                                          "batch fits)", positive=True)
     optimizer: str | None = option(None, "optimizer", choices=("sgd", "adam", "adamw"))
-    lr: float | None = option(None, "peak learning rate", positive=True)
+    lr: float | None = option(None, "peak learning rate, or auto: the learning-rate range test's suggestion "
+                                    "(see `trainforge lr-find`)", positive=True, auto=True)
+    lr_scaling: str | None = option(None, "how the learning rate follows --batch-size auto from the recipe's batch "
+                                          "size (default: linear for sgd, sqrt for adam/adamw)",
+                                    choices=("linear", "sqrt"))
     momentum: float | None = option(None, "SGD momentum (Nesterov when > 0)", low=0.0, high=0.999)
     betas: list[float] | None = option(None, "Adam/AdamW betas, two numbers", low=0.0, high=0.9999)
     weight_decay: float | None = option(None, "weight decay", low=0.0)
@@ -89,12 +102,16 @@ class TrainConfig:
                                   "that do not fit one device)", choices=("ddp", "fsdp"))
     seed: int = option(0, "random seed of initialisation, shuffling and augmentation", low=0, high=2 ** 32 - 1)
     target_acc: float | None = option(None, "stop once test accuracy reaches this fraction", low=0.0, high=1.0)
-    eval_batch_size: int = option(2000, "batch size of evaluation", positive=True)
+    eval_batch_size: int | None = option(None, "largest batch of evaluation; the memory plan lowers it to fit "
+                                               "(default: 2000)", positive=True)
     eval_subset: int | None = option(None, "evaluate each epoch on a seeded, class-balanced subset of N test images; "
                                            "the last epoch (or the one a run stops at) is scored on all of them",
                                      positive=True)
-    loader: str = option("auto", "auto (device-resident when the data fits), device or streaming",
-                         choices=("auto", "device", "streaming"))
+    memory_budget: str | None = option(None, "memory the run may use, e.g. 4G or 512M (K/M/G/T): resident memory on "
+                                             "the CPU, allocated memory on a GPU; batches shrink and accumulate to "
+                                             "stay inside it (default: half of what is available at start)")
+    loader: str = option("auto", "auto (device-resident when the data fits the memory budget, else streamed), "
+                                 "device or streaming", choices=("auto", "device", "streaming"))
     workers: int = option(2, "worker processes of the streaming loader", low=0)
     checkpoint_every: int | None = option(None, "also checkpoint every N optimizer steps", positive=True)
     checkpoint_minutes: float | None = option(10.0, "also checkpoint every M minutes, so a crash loses at most that "
@@ -132,6 +149,8 @@ def _coerce(cls: type, name: str, value: Any, source: str) -> Any:
         if optional:
             return None
         raise ConfigError(f"{where} must not be empty")
+    if meta.get("auto") and value == "auto":
+        return value
     if base is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{where} expects true or false, got {_short.repr(value)}")
@@ -258,7 +277,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str
         elif get_origin(base) is list:
             kwargs.update(nargs="+", type=_number_arg(f.name, float), metavar="X")
         else:
-            kwargs["type"] = _number_arg(f.name, base) if base in (int, float) else str
+            kwargs["type"] = _number_arg(f.name, base, meta.get("auto", False)) if base in (int, float) else str
             if meta.get("choices"):
                 kwargs["choices"] = meta["choices"]
             kwargs["metavar"] = {int: "N", float: "X"}.get(base, "VALUE") if not meta.get("choices") else None
@@ -289,12 +308,14 @@ def typed_options(args: argparse.Namespace, cls: type) -> dict[str, Any]:
     return {k: v for k, v in vars(args).items() if k in names}
 
 
-def _number_arg(name: str, kind: type) -> typing.Callable[[str], Any]:
+def _number_arg(name: str, kind: type, auto: bool = False) -> typing.Callable[[str], Any]:
     def parse(text: str) -> Any:
+        if auto and text == "auto":
+            return text
         try:
             return kind(text)
         except ValueError:
-            expected = "an integer" if kind is int else "a number"
+            expected = ("an integer" if kind is int else "a number") + (" or auto" if auto else "")
             raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
     parse.__name__ = kind.__name__
     return parse

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..errors import DataError
+from ..hardware.memory import budget
 from .loaders import balanced_subset
 from .sources import BUILTIN_DATASETS, ImageSet, load_builtin
 
@@ -42,24 +43,38 @@ class DataBundle:
         return self.train.images.shape[-1]
 
 
-def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std of uint8 images, in [0, 1] units."""
-    x = images.float().div_(255).transpose(0, 1).reshape(images.shape[1], -1)
-    return tuple(x.mean(1).tolist()), tuple(x.std(1).clamp_min(1e-3).tolist())
+def channel_stats(images: torch.Tensor, chunk_bytes: int = 2 ** 26) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of uint8 images, in [0, 1] units, summed in chunks of about `chunk_bytes` of
+    float64 so that no float copy of the whole set is ever made."""
+    channels = images.shape[1]
+    per_image = max(1, images[:1].numel() * 8)
+    rows = max(1, chunk_bytes // per_image)
+    total = torch.zeros(channels, dtype=torch.float64)
+    squares = torch.zeros(channels, dtype=torch.float64)
+    for start in range(0, len(images), rows):
+        x = images[start:start + rows].to(torch.float64).div_(255)
+        total += x.sum(dim=(0, 2, 3))
+        squares += x.square_().sum(dim=(0, 2, 3))
+    n = max(1, images.numel() // channels)
+    mean = total / n
+    var = (squares - total * mean) / max(1, n - 1)
+    return tuple(mean.tolist()), tuple(var.clamp_min(0).sqrt().clamp_min(1e-3).tolist())
 
 
-# Beyond this many bytes of decoded training images, `loader="auto"` streams a folder instead of holding it.
-RESIDENT_LIMIT_BYTES = 4 * 2 ** 30
+# Decoded training images may take this share of the memory budget before `loader="auto"` streams them instead.
+RESIDENT_SHARE = 0.5
 # Images decoded to estimate a streamed folder's mean and std.
 STATS_SAMPLE = 512
 
 
 def load_data(data: str, data_dir: str | None = None, *, subset: int | None = None, seed: int = 0,
-              image_size: int | None = None, val_fraction: float = 0.1, loader: str = "auto") -> DataBundle:
+              image_size: int | None = None, val_fraction: float = 0.1, loader: str = "auto",
+              memory_budget: int | None = None) -> DataBundle:
     """Loads a built-in data set by name, or an image folder by path.
 
     Built-in sets and folders that fit are held in memory as uint8; with `loader="streaming"` (or `"auto"` and a
-    folder larger than RESIDENT_LIMIT_BYTES decoded) the training images stay on disk and are decoded per batch.
+    folder whose decoded images exceed RESIDENT_SHARE of `memory_budget`, default: the host's budget) the training
+    images stay on disk and are decoded per batch.
     """
     if data in BUILTIN_DATASETS:
         train, test = load_builtin(data, data_dir)
@@ -67,7 +82,7 @@ def load_data(data: str, data_dir: str | None = None, *, subset: int | None = No
         bundle = DataBundle(data, train, test, (info.mean,), (info.std,))
     elif Path(data).is_dir():
         bundle = _load_folder(data, image_size=image_size, val_fraction=val_fraction, seed=seed, subset=subset,
-                              loader=loader)
+                              loader=loader, memory_budget=memory_budget)
         subset = None
     else:
         raise DataError(f"data {data!r} is neither a built-in data set ({', '.join(BUILTIN_DATASETS)}) "
@@ -81,7 +96,7 @@ def load_data(data: str, data_dir: str | None = None, *, subset: int | None = No
 
 
 def _load_folder(path: str, *, image_size: int | None, val_fraction: float, seed: int, subset: int | None,
-                 loader: str) -> DataBundle:
+                 loader: str, memory_budget: int | None) -> DataBundle:
     from .folder import (FolderDataset, decode_files, estimate_folder_bytes, infer_image_format, scan_image_folder,
                          split_stratified)
 
@@ -98,7 +113,8 @@ def _load_folder(path: str, *, image_size: int | None, val_fraction: float, seed
     channels, size = infer_image_format(train_files, image_size=image_size)
     test = decode_files(val_files, size, channels, classes)
     stream = loader == "streaming" or (
-        loader == "auto" and estimate_folder_bytes(train_files, size, channels) > RESIDENT_LIMIT_BYTES)
+        loader == "auto" and estimate_folder_bytes(train_files, size, channels) > RESIDENT_SHARE * (
+            memory_budget or budget(None, torch.device("cpu"))[0]))
     if not stream:
         train = decode_files(train_files, size, channels, classes)
         mean, std = channel_stats(train.images)

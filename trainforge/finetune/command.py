@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ from ..models import Preprocess, count_params
 from ..models.registry import effective_width
 from ..train import layout
 from ..train.loop import Hooks, TrainResult, evaluate, train
+from ..train.plan import EVAL_CAP, PROBE_SIZES, eval_batch_size
 from . import sources, strategies, update
 
 
@@ -249,7 +251,12 @@ def _train(config: cfg.TrainConfig, job: _Job, hooks: Hooks, cache: bool, device
     if not cache:
         return train(config, data=job.bundle, hooks=hooks, progress=progress), 0.0
     started = time.perf_counter()
-    bundle = _cached_features(job.model, job.head_name, job.bundle, device, config)
+    batch_size, note = eval_batch_size(job.model, job.bundle.test.images[:PROBE_SIZES[-1]], device,
+                                       config.eval_precision, config.memory_budget, config.eval_batch_size)
+    if progress:
+        print(note.replace("memory plan", "memory plan of the feature cache"), file=sys.stderr)
+    bundle = _cached_features(job.model, job.head_name, job.bundle, device,
+                              dataclasses.replace(config, eval_batch_size=batch_size))
     feature_seconds = time.perf_counter() - started
     # The loop trains the head alone on the cached features; trained in place, it is already part of the model.
     hooks = Hooks(model=job.head, model_info=hooks.model_info)
@@ -263,8 +270,8 @@ def _forgetting(job: _Job, config: cfg.TrainConfig, device: torch.device) -> dic
     layout.apply_layout(job.old_model.to(device), config.layout)
 
     def accuracy(m: nn.Module, images: ImageSet) -> float:
-        return evaluate(m, images.images.to(device), images.labels.to(device), config.eval_batch_size, device,
-                        precision)[0]
+        return evaluate(m, images.images.to(device), images.labels.to(device), config.eval_batch_size or EVAL_CAP,
+                        device, precision)[0]
     return {"old_task_acc_before": accuracy(job.old_model, job.tasks.old.test),
             "old_task_acc": accuracy(job.model, job.tasks.old_test),
             "new_task_acc": accuracy(job.model, job.tasks.new_test)}

@@ -8,9 +8,11 @@ runs in large batches under `inference_mode`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -23,14 +25,19 @@ from .. import runs
 from ..data import DataBundle, eval_batches, load_data, make_train_loader
 from ..data.loaders import balanced_subset, holdout_split
 from ..errors import ConfigError, TrainingError
+from ..hardware import memory
 from ..models import build_classifier
 from ..models.registry import effective_width
-from . import checkpoint, distributed, layout, recipes
+from . import checkpoint, distributed, layout, plan, recipes
 from .device import autocast, configure_backends, configure_host_allocator, resolve_device, synchronize
 from .monitor import Monitor
 from .progress import ProgressReporter
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+# Fault injection for the recovery tests: "step=N" raises torch.OutOfMemoryError before optimizer step N (counted from
+# 1), "eval=N" in the N-th evaluation; once each per process.
+OOM_ENV = "TRAINFORGE_TEST_OOM"
 
 
 @dataclasses.dataclass
@@ -50,6 +57,10 @@ class TrainResult:
     run_dir: str | None
     nonfinite_skips: int = 0
     stopped_early: bool = False
+    accumulate: int = 1  # micro-batches per optimizer step at the end
+    eval_batch_size: int = plan.EVAL_CAP
+    peak_rss_bytes: int = 0
+    peak_gpu_bytes: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -77,6 +88,7 @@ class TrainState:
     skips: int = 0  # steps skipped for a non-finite loss or gradients
     loss_sum: float = 0.0  # this epoch's summed step losses, as far as moved to the host
     loss_count: int = 0  # steps summed into loss_sum
+    accumulate: int = 0  # micro-batches per step since an out-of-memory recovery; 0: as planned
     metrics: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # one record per finished epoch
 
     def counters(self) -> dict[str, Any]:
@@ -96,6 +108,7 @@ class StepParts:
     device: torch.device
     precision: str
     skip_nonfinite: bool = False
+    accumulate: int = 1  # micro-batches per optimizer step
 
 
 @dataclasses.dataclass
@@ -123,6 +136,10 @@ class Run:
     check_every: int = 1  # steps between host reads of the loss
     started: float = 0.0
     stopped_early: bool = False
+    eval_batch_size: int = plan.EVAL_CAP
+    recoveries: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # this epoch's, for metrics.jsonl
+    faults: dict[str, int] = dataclasses.field(default_factory=dict)  # OOM_ENV's, not yet raised
+    evaluations: int = 0
 
     @property
     def num_epochs(self) -> int:
@@ -177,29 +194,39 @@ def train(config: cfg.TrainConfig | dict | None = None, *, resume: str | os.Path
 
 def setup(config: cfg.TrainConfig, data: DataBundle | None, hooks: Hooks, saved: dict[str, Any] | None,
           progress: bool, resuming: bool = False) -> Run:
-    """Device, data, model, optimizer, run directory and (when resuming) the saved state, in that order."""
+    """Device, data, model, memory plan, optimizer, run directory and (when resuming) the saved state, in that
+    order; every automatic choice is written into the run's config.yaml and said in one line."""
     device = resolve_device(config.device)
     rank, world = distributed.setup(device)
-    if config.batch_size % world:
-        raise ConfigError(f"--batch-size {config.batch_size} must be divisible by the number of processes ({world})")
     configure_backends(device)
     configure_host_allocator()
     torch.manual_seed(config.seed)
-    bundle, model, info, config = _data_and_model(config, data, hooks, device)
+    budget = memory.budget(config.memory_budget, device)
+    bundle, model, info, config = data_and_model(config, data, hooks, device, budget[0])
     precision = config.precision
+    test_images, test_labels = bundle.test.images.to(device), bundle.test.labels.to(device)
+    config, memory_plan, notes = _plan(config, bundle, model, device, precision, world, budget)
     loader = make_train_loader(bundle, config.batch_size, device=device, seed=config.seed, augment=config.augment,
                                workers=config.workers, rank=rank, world_size=world)
-    test_images, test_labels = bundle.test.images.to(device), bundle.test.labels.to(device)
+    if config.lr == "auto":
+        from .lr_range import auto_lr
+
+        config, note = auto_lr(config, model, loader, device, precision)
+        notes.append(note)
+    if progress and rank == 0:
+        print("\n".join(notes), file=sys.stderr)
     total_steps = max(1, math.ceil(config.epochs * len(loader)))
     # Counts the FLOPs per sample now, while `model` is still whole (FSDP shards it below).
     monitor = Monitor(model, test_images[:1], device, precision, world_size=world, sample_gpu=rank == 0)
     parts = _step_parts(config, model, hooks, device, precision, world, total_steps)
+    parts.accumulate = memory_plan.accumulate
     run_dir, lock = _claim_run_dir(config, info, rank, resuming)
     try:
         state = TrainState()
         if saved is not None:
             checkpoint.restore(saved, model, parts.optimizer, parts.scheduler, parts.scaler, device)
             state = TrainState(**checkpoint.counters(saved), metrics=list(saved["metrics"]))
+            parts.accumulate = max(parts.accumulate, state.accumulate)
         if config.compile:
             parts.step_model = torch.compile(parts.step_model)
         checkpointer = checkpoint.Checkpointer(run_dir, config, rank == 0, state.step if saved is not None else None,
@@ -213,7 +240,8 @@ def setup(config: cfg.TrainConfig, data: DataBundle | None, hooks: Hooks, saved:
                    writer=_tensorboard(run_dir, state.step) if rank == 0 and config.tensorboard else None,
                    # On the CPU a host read of the loss costs nothing, so every step is checked; on a GPU it would
                    # stall the pipeline, so the loss is summed on the device and read at a few points per epoch.
-                   check_every=1 if device.type == "cpu" or config.skip_nonfinite else max(1, len(loader) // 8))
+                   check_every=1 if device.type == "cpu" or config.skip_nonfinite else max(1, len(loader) // 8),
+                   eval_batch_size=memory_plan.eval_batch_size, faults=_faults())
     except BaseException:
         if lock is not None:
             lock.release()
@@ -236,26 +264,72 @@ def _claim_run_dir(config: cfg.TrainConfig, info: runs.ModelInfo, rank: int,
     return run_dir, lock
 
 
-def _data_and_model(config: cfg.TrainConfig, data: DataBundle | None, hooks: Hooks, device: torch.device
-                    ) -> tuple[DataBundle, nn.Module, runs.ModelInfo, cfg.TrainConfig]:
-    """The data, the model on `device` in its layout, how to rebuild it, and `config` with the layout and precision
-    chosen for this model and device (recorded in the run, so that a re-run takes the same)."""
+def data_and_model(config: cfg.TrainConfig, data: DataBundle | None, hooks: Hooks, device: torch.device,
+                   memory_budget: int | None = None) -> tuple[DataBundle, nn.Module, runs.ModelInfo, cfg.TrainConfig]:
+    """The run's data (resident when it fits RESIDENT_SHARE of `memory_budget`), the model on `device` in its
+    layout, how to rebuild it, and `config` with the layout and precision chosen for this model and device
+    (recorded in the run, so that a re-run takes the same).
+
+    The model takes the data's images at their own size and resizes them to --image-size inside itself (a
+    built-in set stays 28 px uint8 in memory)."""
     bundle = data or load_data(config.data, config.data_dir, subset=config.subset, seed=config.seed,
-                               image_size=config.image_size, val_fraction=config.val_fraction, loader=config.loader)
+                               image_size=config.image_size, val_fraction=config.val_fraction, loader=config.loader,
+                               memory_budget=memory_budget)
     if config.holdout:
         bundle = holdout_split(bundle, config.val_fraction, config.seed)
     model = hooks.model
+    image_size = config.image_size or bundle.image_size
     if model is None:
-        model = build_classifier(config.model, len(bundle.classes), bundle.in_channels, bundle.image_size,
+        model = build_classifier(config.model, len(bundle.classes), bundle.in_channels, image_size,
                                  bundle.mean, bundle.std, width=config.width)
     info = hooks.model_info or runs.ModelInfo(
         model=config.model, num_classes=len(bundle.classes), classes=list(bundle.classes),
-        in_channels=bundle.in_channels, image_size=bundle.image_size, mean=list(bundle.mean), std=list(bundle.std),
+        in_channels=bundle.in_channels, image_size=image_size, mean=list(bundle.mean), std=list(bundle.std),
         width=effective_width(config.model, config.width))
     precision = layout.choose_precision(config.precision, model, device)
     chosen = dataclasses.replace(config, layout=layout.choose_layout(config.layout, model, device), precision=precision,
                                  eval_precision=layout.choose_eval_precision(config.eval_precision, precision, device))
     return bundle, layout.apply_layout(model.to(device), chosen.layout), info, chosen
+
+
+def _plan(config: cfg.TrainConfig, bundle: DataBundle, model: nn.Module, device: torch.device, precision: str,
+          world: int, budget: tuple[int, str]) -> tuple[cfg.TrainConfig, plan.MemoryPlan, list[str]]:
+    """The memory plan and --batch-size auto (with the learning rate that follows it): `config` with the choices
+    filled in, and a line on each."""
+    probe_images, probe_labels = bundle.test.images[:plan.PROBE_SIZES[-1]], bundle.test.labels[:plan.PROBE_SIZES[-1]]
+    cost = plan.measure(model, probe_images, probe_labels, device, precision)
+    state, in_use, notes = plan.state_bytes(model, config.optimizer, config.momentum), memory.in_use_bytes(device), []
+    if config.batch_size == "auto":
+        if world > 1:
+            raise ConfigError("--batch-size auto runs on one process; pass the size it chose there to --nproc runs")
+        largest = plan.max_micro_batch(cost, budget[0], in_use, state)
+        size, why = plan.auto_batch_size(model, probe_images, probe_labels, device, precision, largest,
+                                         len(bundle.train.labels))
+        base = recipes.recipe_value(config.recipe, "batch_size")
+        rule = config.lr_scaling or ("linear" if config.optimizer == "sgd" else "sqrt")
+        lr = config.lr if config.lr == "auto" else plan.scaled_lr(config.lr, rule, size, base)
+        notes.append(f"batch size auto: {size}, {why}; learning rate {config.lr} at the recipe's batch of {base} -> "
+                     f"{lr if isinstance(lr, str) else f'{lr:.4g}'} by {rule} scaling")
+        config = dataclasses.replace(config, batch_size=size, lr=lr, lr_scaling=rule)
+    if config.batch_size % world:
+        raise ConfigError(f"--batch-size {config.batch_size} must be divisible by the number of processes ({world})")
+    memory_plan = plan.fit(cost, budget[0], budget[1], in_use, state, math.ceil(config.batch_size / world),
+                           config.accumulate, config.eval_batch_size)
+    streamed = bundle.stream is not None
+    notes.append(f"{memory_plan.describe()}; training images {'streamed from disk' if streamed else 'resident'}")
+    config = dataclasses.replace(config, accumulate=memory_plan.accumulate, eval_batch_size=memory_plan.eval_batch_size,
+                                 memory_budget=f"{math.ceil(budget[0] / 2 ** 20)}M",
+                                 loader="streaming" if streamed else "device")
+    return config, memory_plan, notes
+
+
+def _faults() -> dict[str, int]:
+    """OOM_ENV parsed: {"step": N, "eval": N}."""
+    faults = {}
+    for part in filter(None, os.environ.get(OOM_ENV, "").split(",")):
+        kind, _, at = part.partition("=")
+        faults[kind.strip()] = int(at)
+    return faults
 
 
 def _step_parts(config: cfg.TrainConfig, model: nn.Module, hooks: Hooks, device: torch.device, precision: str,
@@ -278,7 +352,10 @@ def step(parts: StepParts, images: torch.Tensor, labels: torch.Tensor,
     gradients (`skip_nonfinite`), in which case the schedule still advances so the run keeps its planned length.
 
     `loss_weight` scales the loss of a process's share of a multi-process batch (see distributed.loss_weight).
+    With `parts.accumulate` > 1 the batch is split into that many micro-batches (see _accumulated_step).
     """
+    if parts.accumulate > 1:
+        return _accumulated_step(parts, images, labels, loss_weight)
     with autocast(parts.device, parts.precision):
         logits = parts.step_model(images)
         loss = parts.criterion(logits.float(), labels, images)
@@ -303,6 +380,91 @@ def step(parts: StepParts, images: torch.Tensor, labels: torch.Tensor,
     return loss.detach()
 
 
+def _accumulated_step(parts: StepParts, images: torch.Tensor, labels: torch.Tensor,
+                      loss_weight: float | None) -> torch.Tensor | None:
+    """step() over `parts.accumulate` micro-batches: each one's loss is weighted by its share of the batch and the
+    gradients add up to the whole batch's; processes synchronize them once, after the last micro-batch."""
+    parts.optimizer.zero_grad(set_to_none=True)
+    chunks = [c for c in zip(images.tensor_split(parts.accumulate), labels.tensor_split(parts.accumulate)) if len(c[1])]
+    no_sync = getattr(parts.step_model, "no_sync", None)
+    total = torch.zeros((), device=parts.device)
+    for i, (x, y) in enumerate(chunks):
+        share = len(y) / len(labels) * (1.0 if loss_weight is None else loss_weight)
+        with no_sync() if no_sync is not None and i < len(chunks) - 1 else contextlib.nullcontext():
+            with autocast(parts.device, parts.precision):
+                loss = parts.criterion(parts.step_model(x).float(), y, x) * share
+            (parts.scaler.scale(loss) if parts.scaler is not None else loss).backward()
+        total += loss.detach()
+        del loss  # frees this micro-batch's graph before the next one's forward pass
+    if parts.skip_nonfinite and not (_finite(distributed.all_reduce_sum(total.clone()))
+                                     and (parts.scaler is not None or _grads_finite(parts.model))):
+        parts.optimizer.zero_grad(set_to_none=True)
+        return _skipped(parts)
+    if parts.scaler is not None:
+        parts.scaler.step(parts.optimizer)
+        parts.scaler.update()
+    else:
+        parts.optimizer.step()
+    if parts.scheduler is not None:
+        parts.scheduler.step()
+    return total
+
+
+def _recovering_step(run: Run, images: torch.Tensor, labels: torch.Tensor,
+                     weight: float | None) -> torch.Tensor | None:
+    """step(), retried with twice the micro-batches after each out-of-memory error: the global batch, the
+    schedule and the result stay the same."""
+    while True:
+        try:
+            if run.faults.get("step") == run.state.step + 1:
+                del run.faults["step"]
+                raise torch.OutOfMemoryError("injected by " + OOM_ENV)
+            return step(run.parts, images, labels, weight)
+        except torch.OutOfMemoryError as exc:
+            _recover(run, len(labels), exc)
+
+
+def _recover(run: Run, batch: int, exc: torch.OutOfMemoryError) -> None:
+    parts, step_number = run.parts, run.state.step + 1
+    parts.optimizer.zero_grad(set_to_none=True)  # what the failed step held
+    if parts.device.type == "cuda":
+        torch.cuda.empty_cache()
+    if run.world > 1:
+        # The other processes wait in this step's gradient all-reduce; they cannot be told to switch.
+        raise TrainingError(f"out of memory at step {step_number} on process {run.rank} ({exc}); re-run with "
+                            f"--accumulate {2 * parts.accumulate}") from exc
+    if parts.accumulate >= batch:
+        raise TrainingError(f"out of memory at step {step_number} with micro-batches of 1 sample ({exc}); lower "
+                            f"--image-size, pick a smaller model or free memory on {parts.device}") from exc
+    parts.accumulate = min(batch, 2 * parts.accumulate)
+    run.state.accumulate = parts.accumulate
+    micro = math.ceil(batch / parts.accumulate)
+    run.recoveries.append({"step": step_number, "accumulate": parts.accumulate, "micro_batch": micro})
+    print(f"out of memory at step {step_number}: {parts.accumulate} micro-batches of {micro} per step from now on "
+          f"(the batch of {batch} and the schedule stay the same)", file=sys.stderr)
+
+
+def _recovering_evaluate(run: Run, subset: torch.Tensor | None = None) -> tuple[float, float]:
+    """_evaluate_run() in the run's evaluation batches, halved after each out-of-memory error."""
+    run.evaluations += 1
+    while True:
+        try:
+            if run.faults.get("eval") == run.evaluations:
+                del run.faults["eval"]
+                raise torch.OutOfMemoryError("injected by " + OOM_ENV)
+            return _evaluate_run(run, subset)
+        except torch.OutOfMemoryError as exc:
+            if run.world > 1 or run.eval_batch_size == 1:
+                raise TrainingError(f"out of memory evaluating in batches of {run.eval_batch_size} ({exc}); pass "
+                                    f"a smaller --eval-batch-size or --memory-budget") from exc
+            if run.parts.device.type == "cuda":
+                torch.cuda.empty_cache()
+            run.eval_batch_size //= 2
+            run.recoveries.append({"evaluation": run.evaluations, "eval_batch_size": run.eval_batch_size})
+            print(f"out of memory evaluating: evaluation batches of {run.eval_batch_size} from now on",
+                  file=sys.stderr)
+
+
 def _skipped(parts: StepParts) -> None:
     if parts.scheduler is not None:
         parts.scheduler.step()
@@ -325,7 +487,7 @@ def train_one_epoch(run: Run) -> tuple[int, float]:
         if run.world > 1:
             global_count = min(config.batch_size, run.n_train - i * config.batch_size)
             weight = distributed.loss_weight(len(labels), global_count, run.world)
-        loss = step(run.parts, images, labels, weight)
+        loss = _recovering_step(run, images, labels, weight)
         state.step, state.step_in_epoch = state.step + 1, i + 1
         if loss is None:
             state.skips += 1
@@ -348,7 +510,7 @@ def end_epoch(run: Run, steps: int, train_seconds: float, epoch_start: float) ->
     state, config = run.state, run.config
     train_loss = state.loss_sum / max(1, state.loss_count)
     subset = None if state.epoch + 1 >= run.num_epochs else _eval_subset(run)
-    test_acc, test_loss = _evaluate_run(run, subset)
+    test_acc, test_loss = _recovering_evaluate(run, subset)
     synchronize(run.parts.device)
     epoch_seconds = time.perf_counter() - epoch_start
     state.epoch, state.step_in_epoch, state.loss_sum, state.loss_count = state.epoch + 1, 0, 0.0, 0
@@ -358,6 +520,10 @@ def end_epoch(run: Run, steps: int, train_seconds: float, epoch_start: float) ->
               "samples_per_second": steps * config.batch_size / epoch_seconds, "elapsed_seconds": state.elapsed,
               "eval_subset": None if subset is None else len(subset)}
     record.update(run.monitor.epoch_stats(steps * config.batch_size, train_seconds))
+    record.update(accumulate=run.parts.accumulate, eval_batch_size=run.eval_batch_size,
+                  **memory.peak_bytes(run.parts.device))
+    if run.recoveries:
+        record["oom_recoveries"], run.recoveries = run.recoveries, []
     state.metrics.append(record)
     run.reporter.epoch_done(record)
     if run.writer is not None:
@@ -368,7 +534,7 @@ def end_epoch(run: Run, steps: int, train_seconds: float, epoch_start: float) ->
     stop = config.target_acc is not None and test_acc >= config.target_acc
     stop = bool(run.hooks.on_epoch is not None and run.hooks.on_epoch(record)) or stop
     if stop and subset is not None:  # the run ends here: its reported accuracy is the whole test set's
-        record["test_acc"], record["test_loss"] = _evaluate_run(run, None)
+        record["test_acc"], record["test_loss"] = _recovering_evaluate(run)
         record["eval_subset"] = None
     run.save(epoch_end=True)
     run.stopped_early = stop and state.step < run.total_steps
@@ -387,7 +553,7 @@ def _evaluate_run(run: Run, subset: torch.Tensor | None) -> tuple[float, float]:
     images, labels = run.test_images, run.test_labels
     if subset is not None:
         images, labels = images[subset], labels[subset]
-    return evaluate(run.parts.model, images, labels, run.config.eval_batch_size, run.parts.device,
+    return evaluate(run.parts.model, images, labels, run.eval_batch_size, run.parts.device,
                     run.config.eval_precision, run.rank, run.world)
 
 
@@ -402,7 +568,8 @@ def finish(run: Run) -> TrainResult:
         samples_per_second=state.step * run.config.batch_size / train_seconds if train_seconds > 0 else 0.0,
         device=str(run.parts.device), precision=run.parts.precision, world_size=run.world,
         run_dir=str(run.run_dir) if run.rank == 0 else None, nonfinite_skips=state.skips,
-        stopped_early=run.stopped_early)
+        stopped_early=run.stopped_early, accumulate=run.parts.accumulate, eval_batch_size=run.eval_batch_size,
+        **memory.peak_bytes(run.parts.device))
     final_state = distributed.model_state(run.parts.model)  # a collective under FSDP
     if run.rank == 0:
         runs.save_weights(run.run_dir / runs.MODEL_FILE, final_state)

@@ -70,3 +70,8 @@ def resolve(config: cfg.TrainConfig) -> cfg.TrainConfig:
     if resolved.betas is not None and len(resolved.betas) != 2:
         raise ConfigError(f"config: field 'betas' expects two numbers, got {resolved.betas}")
     return resolved
+
+
+def recipe_value(name: str, key: str) -> object:
+    """What recipe `name` (with the fallbacks) sets `key` to."""
+    return {**FALLBACKS, **RECIPES[name]}[key]

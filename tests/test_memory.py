@@ -1,0 +1,116 @@
+"""The memory plan (hardware/memory.py, train/plan.py), recovery from out-of-memory, --batch-size/--lr auto and the
+learning-rate range test, on real MNIST."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import trainforge
+from trainforge import config as cfg
+from trainforge.data import DataBundle, ImageSet, balanced_subset, channel_stats
+from trainforge.errors import ConfigError
+from trainforge.hardware import memory
+from trainforge.train import loop
+
+
+def _bundle(mnist, n_train: int, n_test: int = 2000) -> DataBundle:
+    idx = balanced_subset(mnist.train.labels, n_train, 0)
+    return DataBundle("mnist", ImageSet(mnist.train.images[idx], mnist.train.labels[idx], mnist.classes),
+                      ImageSet(mnist.test.images[:n_test], mnist.test.labels[:n_test], mnist.classes),
+                      mnist.mean, mnist.std)
+
+
+def _config(tmp_path, name: str, **values) -> dict:
+    return {"model": "linear", "epochs": 1, "out": str(tmp_path / name), "tensorboard": False, **values}
+
+
+def test_parse_bytes_takes_suffixes_and_rejects_nonsense():
+    assert memory.parse_bytes("4G") == 4 * 2 ** 30
+    assert memory.parse_bytes("1.5g") == int(1.5 * 2 ** 30)
+    assert memory.parse_bytes("512MiB") == 512 * 2 ** 20
+    assert memory.parse_bytes("1000") == 1000
+    for bad in ("lots", "-1G", "0", "4X"):
+        with pytest.raises(ConfigError, match="--memory-budget"):
+            memory.parse_bytes(bad)
+
+
+def test_channel_stats_in_chunks_match_the_whole_set_at_once(mnist):
+    images = mnist.test.images[:3000]
+    x = images.double().div(255).flatten()
+    mean, std = channel_stats(images, chunk_bytes=2 ** 20)
+    assert mean[0] == pytest.approx(x.mean().item(), abs=1e-9)
+    assert std[0] == pytest.approx(x.std().item(), abs=1e-9)
+
+
+def test_a_small_budget_accumulates_micro_batches_and_trains_as_well(tmp_path, mnist):
+    bundle = _bundle(mnist, 16384)
+    common = dict(batch_size=8192, epochs=3, lr=0.4, optimizer="sgd", schedule="onecycle", warmup=0.1)
+    free = trainforge.train(_config(tmp_path, "free", **common), data=bundle, progress=False)
+    # 16 MB beyond what the process holds: room for about 3,000 linear-model samples, not a batch of 8,192.
+    budget = f"{memory.in_use_bytes(torch.device('cpu')) // 2 ** 20 + 16}M"
+    tight = trainforge.train(_config(tmp_path, "tight", memory_budget=budget, **common), data=bundle, progress=False)
+    assert free.accumulate == 1 and tight.accumulate >= 2
+    saved = cfg.load_file(cfg.TrainConfig, tmp_path / "tight" / "config.yaml")
+    assert saved.accumulate == tight.accumulate and saved.memory_budget == budget and saved.loader == "device"
+    assert abs(tight.test_acc - free.test_acc) <= 0.01
+    assert tight.peak_rss_bytes > 0 and tight.peak_gpu_bytes is None
+
+
+def test_out_of_memory_doubles_the_accumulation_and_keeps_the_result(tmp_path, mnist, monkeypatch, capsys):
+    bundle = _bundle(mnist, 2048, n_test=1000)
+    common = dict(batch_size=256, optimizer="sgd", lr=0.2, schedule="onecycle", warmup=0.2)
+    doubled = trainforge.train(_config(tmp_path, "doubled", accumulate=2, **common), data=bundle, progress=False)
+    monkeypatch.setenv(loop.OOM_ENV, "step=3,eval=1")
+    recovered = trainforge.train(_config(tmp_path, "recovered", **common), data=bundle, progress=False)
+    assert "out of memory at step 3: 2 micro-batches of 128" in capsys.readouterr().err
+    assert recovered.accumulate == 2 and recovered.eval_batch_size == doubled.eval_batch_size // 2
+    assert recovered.test_acc == pytest.approx(doubled.test_acc, abs=1e-5)
+    assert recovered.test_loss == pytest.approx(doubled.test_loss, abs=1e-5)
+    assert recovered.train_loss == pytest.approx(doubled.train_loss, abs=1e-5)
+    record = json.loads((tmp_path / "recovered" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert {"step": 3, "accumulate": 2, "micro_batch": 128} in record["oom_recoveries"]
+
+
+def test_out_of_memory_below_one_sample_per_micro_batch_is_a_clear_error(tmp_path, mnist, monkeypatch):
+    monkeypatch.setenv(loop.OOM_ENV, "step=1")
+    with pytest.raises(trainforge.errors.TrainingError, match="micro-batches of 1 sample"):
+        trainforge.train(_config(tmp_path, "one", batch_size=1, subset=None), data=_bundle(mnist, 100, 100),
+                         progress=False)
+
+
+def test_auto_batch_size_and_lr_are_recorded_and_rerun_identically(tmp_path, mnist):
+    bundle = _bundle(mnist, 2000, n_test=1000)
+    first = trainforge.train(_config(tmp_path, "auto", batch_size="auto", lr="auto"), data=bundle, progress=False)
+    saved = cfg.load_file(cfg.TrainConfig, tmp_path / "auto" / "config.yaml")
+    assert isinstance(saved.batch_size, int) and 16 <= saved.batch_size <= 2000 // 8
+    assert isinstance(saved.lr, float) and saved.lr_scaling == "linear"
+    again = trainforge.train({**cfg.to_dict(saved), "out": str(tmp_path / "again")}, data=bundle, progress=False)
+    assert (again.test_acc, again.test_loss) == (first.test_acc, first.test_loss)
+
+
+def test_range_test_tries_rising_rates_and_leaves_the_model_alone(mnist):
+    from trainforge.data import DeviceLoader
+    from trainforge.models import build_classifier
+    from trainforge.train import lr_range, recipes
+
+    config = recipes.resolve(cfg.TrainConfig(model="linear", batch_size=256))
+    model = build_classifier("linear", 10, 1, 28, mnist.mean, mnist.std)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    loader = DeviceLoader(mnist.train.images[:4096], mnist.train.labels[:4096], 256, device=torch.device("cpu"))
+    result = lr_range.range_test(model, loader, config, torch.device("cpu"), "32", steps=30)
+    assert all(a < b for a, b in zip(result.lrs, result.lrs[1:]))
+    assert result.lrs[0] <= result.suggestion <= result.lrs[-1] and min(result.losses) < result.losses[0]
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert lr_range.plot(result).startswith(b"\x89PNG")
+
+
+def test_train_resizes_a_builtin_set_to_image_size(tmp_path, mnist):
+    from trainforge import runs
+
+    trainforge.train(_config(tmp_path, "small", image_size=14), data=_bundle(mnist, 500, 200), progress=False)
+    model = runs.load(tmp_path / "small")
+    assert json.loads((tmp_path / "small" / runs.MODEL_INFO).read_text())["image_size"] == 14
+    assert model(mnist.test.images[:2]).shape == (2, 10)
