@@ -121,6 +121,7 @@ def predict_files(run_dir: str | Path, files: list[str | Path], top_k: int = 1, 
     (see `image_files`); every file's header is checked before the model is loaded."""
     if top_k < 1:
         raise DataError(f"--top-k must be >= 1, got {top_k}")
+    runs.read_model_info(run_dir)  # the first argument's mistake is named first, before any file is opened
     files = image_files(files, max_files)
     for file in files:
         check_file(file)
