@@ -50,7 +50,7 @@ import numpy as np
 
 from . import runs
 from .data.images import MAX_IMAGE_PIXELS
-from .errors import DeployError
+from .errors import ConfigError, DeployError
 
 if TYPE_CHECKING:
     from .deploy.app import Limits, Predictor
@@ -89,9 +89,9 @@ def load_predictor(source: str | os.PathLike, backend: str = "auto", threads: in
     from .deploy.formats import export_onnx, onnx_predictor, onnx_session, read_onnx_info, torch_predictor
 
     if backend not in BACKENDS:
-        raise DeployError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        raise ConfigError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if threads is not None and threads < 1:
-        raise DeployError(f"--threads must be >= 1, got {threads}")
+        raise ConfigError(f"--threads must be >= 1, got {threads}")
     source = Path(source)
     if source.is_dir():
         import torch
@@ -180,17 +180,17 @@ def serve(source: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, 
 
     limits = limits or Limits()
     if max_batch < 1:
-        raise DeployError(f"--max-batch must be >= 1, got {max_batch}")
+        raise ConfigError(f"--max-batch must be >= 1, got {max_batch}")
     if not 0 <= max_wait_ms <= 10_000:
-        raise DeployError(f"--max-wait-ms must be between 0 and 10000, got {max_wait_ms}")
+        raise ConfigError(f"--max-wait-ms must be between 0 and 10000, got {max_wait_ms}")
     if not 0 <= port <= 65535:
-        raise DeployError(f"--port must be between 0 and 65535, got {port}")
+        raise ConfigError(f"--port must be between 0 and 65535, got {port}")
     for name, value in (("--max-body-bytes", limits.max_body_bytes), ("--max-images", limits.max_images),
                         ("--max-pixels", limits.max_pixels)):
         if value < 1:
-            raise DeployError(f"{name} must be >= 1, got {value}")
+            raise ConfigError(f"{name} must be >= 1, got {value}")
     if not 0 < limits.body_timeout_s <= 3600:
-        raise DeployError(f"--body-timeout must be between 0 and 3600 seconds, got {limits.body_timeout_s}")
+        raise ConfigError(f"--body-timeout must be between 0 and 3600 seconds, got {limits.body_timeout_s}")
     predictor = load_predictor(source, backend, threads, probe_batch=max_batch)
     app = create_app(predictor, max_batch, max_wait_ms, limits)
     # Binding here, not inside uvicorn, turns "address in use" into a one-line error and makes port 0 usable.
