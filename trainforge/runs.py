@@ -456,7 +456,7 @@ def load_run_data(run_dir: str | os.PathLike, data_dir: str | None = None) -> Ru
         idx = balanced_subset(dataset.train.labels, config.subset, config.seed)  # as load_data subsets
         trained = dataclasses.replace(dataset, train=ImageSet(dataset.train.images[idx], dataset.train.labels[idx],
                                                               dataset.classes))
-    elif config.data not in BUILTIN_DATASETS and (config.subset is not None or config.loader != "auto"):
+    elif config.data not in BUILTIN_DATASETS and (config.subset is not None or config.loader == "streaming"):
         # A folder's subset is chosen among its files before decoding, as training chose it.
         trained = load_data(config.data, root, subset=config.subset, loader=config.loader, **common)
     val = None
