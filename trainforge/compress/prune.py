@@ -47,6 +47,8 @@ def apply_magnitude_masks(model: nn.Module, ratio: float) -> None:
     """
     if not 0.0 < ratio < 1.0:
         raise DeployError(f"--prune must be a fraction between 0 and 1 (exclusive), got {ratio}")
+    # torch's global pruning flattens the weights with .view, which channels-last convolution weights refuse.
+    model.to(memory_format=torch.contiguous_format)
     targets = [(m, "weight") for _, m in _prunable(model)]
     torch_prune.global_unstructured(targets, pruning_method=torch_prune.L1Unstructured, amount=ratio)
 

@@ -113,7 +113,12 @@ def _line(peaks: list[int]) -> tuple[int, int]:
 def measure(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, device: torch.device,
             precision: str, train: bool = True) -> SampleCost:
     """The cost of training (unless not `train`: 0) and evaluating `model` on batches like `images`."""
-    probe = copy.deepcopy(model)  # train-mode passes move batch-norm statistics and step-counting hooks
+    try:
+        probe = copy.deepcopy(model)  # train-mode passes move batch-norm statistics and step-counting hooks
+    except RuntimeError:  # a pruned model's weights are mask * original, non-leaf tensors that deepcopy refuses
+        probe = model
+    saved = {k: v.clone() for k, v in model.state_dict().items()} if probe is model else None
+    was_training = model.training
     idx = torch.arange(max(PROBE_SIZES)) % len(images)
     x, y = images[idx].to(device), labels[idx].to(device)
     devices = [device] if device.type == "cuda" else []
@@ -132,6 +137,9 @@ def measure(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, device
         train_peaks = [_peak(lambda b=b: train_pass(b)) if train else 0 for b in PROBE_SIZES]
         probe.eval()
         eval_peaks = [_peak(lambda b=b: eval_pass(b)) for b in PROBE_SIZES]
+    if saved is not None:
+        model.load_state_dict(saved)
+        model.train(was_training)
     train_fixed, train_per_sample = _line(train_peaks)
     eval_fixed, eval_per_sample = _line(eval_peaks)
     # At probe sizes a model's fixed peak (its gradients) can hide what a sample adds in training, which is at least
