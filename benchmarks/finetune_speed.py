@@ -67,7 +67,7 @@ ROWS = {row.name: row for row in (
 
 
 def quick(row: Row) -> Row:
-    return dataclasses.replace(row, image_size=64, train_images=128, test_images=128)
+    return dataclasses.replace(row, image_size=32, train_images=64, test_images=64)
 
 
 def load_bundle(row: Row):

@@ -40,6 +40,18 @@ def measure(path: str, provider: str, images: np.ndarray, iterations: int, warmu
             "samples_per_second": len(images) / median, "logits": logits}
 
 
+def input_shape(model: str) -> list[int]:
+    """[C, H, W] of one image: the model's own size, from trainforge's metadata where the graph takes any size."""
+    import onnxruntime as ort
+    from trainforge.deploy.formats import read_onnx_info
+
+    shape = ort.InferenceSession(model, providers=["CPUExecutionProvider"]).get_inputs()[0].shape[1:]
+    info = read_onnx_info(model)
+    if all(isinstance(d, int) for d in shape) or info is None:
+        return shape
+    return [info.in_channels, info.image_size, info.image_size]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="an .onnx file written by `trainforge export`")
@@ -53,8 +65,7 @@ def main() -> int:
     import onnxruntime as ort
 
     available = ort.get_available_providers()
-    probe = ort.InferenceSession(args.model, providers=["CPUExecutionProvider"]).get_inputs()[0]
-    images = np.random.default_rng(0).integers(0, 256, (args.batch_size, *probe.shape[1:]), dtype=np.uint8)
+    images = np.random.default_rng(0).integers(0, 256, (args.batch_size, *input_shape(args.model)), dtype=np.uint8)
     results = {p: measure(args.model, p, images, args.iterations, args.warmup)
                for p in PROVIDERS if p in available}
     reference = results["CPUExecutionProvider"]["logits"]

@@ -386,7 +386,9 @@ def test_an_unwritable_run_directory_is_a_clear_error(tmp_path, monkeypatch, cap
 
     monkeypatch.setattr(tempfile, "mkstemp", read_only)
     status, err = cli_main(capsys, "train", "--subset", "100", "--epochs", "1", "--out", str(tmp_path / "r"))
-    assert_one_line_error(status, err, "config.yaml: cannot write (Read-only file system)")
+    # The memory plan's line comes first: the run directory is written once the plan is in its config.
+    assert err.startswith("memory plan: ")
+    assert_one_line_error(status, err.split("\n", 1)[1], "config.yaml: cannot write (Read-only file system)")
 
 
 # ---- numerical faults ----------------------------------------------------------------------------------------------
@@ -734,6 +736,7 @@ CHECKED_IN_CODE = {
     "model": (["--model", "gpt5"], "unknown model 'gpt5'"),
     "device": (["--device", "tpu"], "--device: expected auto, cpu, cuda, cuda:N or mps; got 'tpu'"),
     "out": (["--out", "{tmp}/file"], "--out {tmp}/file: is a file, expected a run directory"),
+    "memory_budget": (["--memory-budget", "lots"], "--memory-budget 'lots': expected a positive size such as 4G"),
 }
 
 
@@ -784,7 +787,7 @@ def test_bad_eval_and_predict_options_are_one_line_errors(small_run, tmp_path, c
 
 
 def test_argparse_errors_say_what_was_expected(capsys):
-    for args, message in ((["--batch-size", "ten"], "expected an integer, got 'ten'"),
+    for args, message in ((["--batch-size", "ten"], "expected an integer or auto, got 'ten'"),
                           (["--optimizer", "lion"], "invalid choice: 'lion'"),
                           (["--betas", "x"], "expected a number, got 'x'")):
         status, err = cli_main(capsys, "train", *args)

@@ -118,15 +118,15 @@ def _read_npy(path: Path) -> torch.Tensor:
 def predict_files(run_dir: str | Path, files: list[str | Path], top_k: int = 1, device: str = "cpu",
                   max_files: int = MAX_FILES) -> list[dict[str, Any]]:
     """One `{file, label, confidence}` (and `top_k` alternatives when asked) per file, in order, folders expanded
-    (see `image_files`); every file's header is checked before the model is loaded."""
+    (see `image_files`); every file's header is checked before any file is decoded."""
     if top_k < 1:
         raise DataError(f"--top-k must be >= 1, got {top_k}")
-    runs.read_model_info(run_dir)  # the first argument's mistake is named first, before any file is opened
+    # The arguments' mistakes in their order on the command line: the run first, then the files.
+    device = resolve_device(device)
+    model = runs.load(run_dir, device=device)
     files = image_files(files, max_files)
     for file in files:
         check_file(file)
-    device = resolve_device(device)
-    model = runs.load(run_dir, device=device)
     channels = model.info.in_channels
     results = []
     with torch.inference_mode():

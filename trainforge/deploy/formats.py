@@ -143,9 +143,10 @@ def read_onnx_info(path: str | os.PathLike) -> runs.ModelInfo | None:
     for entry in proto.metadata_props:
         if entry.key == INFO_KEY:
             try:
-                return runs.ModelInfo(**json.loads(entry.value))
-            except (json.JSONDecodeError, TypeError) as exc:
+                values = json.loads(entry.value)
+            except json.JSONDecodeError as exc:
                 raise DeployError(f"{path}: malformed {INFO_KEY} metadata ({exc})") from None
+            return runs.ModelInfo.from_values(values, f"{path} ({INFO_KEY} metadata)")
     return None
 
 

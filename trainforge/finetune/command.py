@@ -301,7 +301,6 @@ def _cached_features(model: strategies.FinetuneClassifier, head_name: str, bundl
                       bundle.std)
 
 
-@torch.inference_mode()
 def backbone_features(model: nn.Module, head_name: str, images: torch.Tensor, device: torch.device,
                       precision: str, batch_size: int, memory_layout: str = "contiguous") -> torch.Tensor:
     """What the head of `model` sees for each image (float32 [N, features], on the CPU), in eval mode, computed in
@@ -313,11 +312,12 @@ def backbone_features(model: nn.Module, head_name: str, images: torch.Tensor, de
     parent = net.get_submodule(parent_name) if parent_name else net
     head = getattr(parent, attr)
     setattr(parent, attr, nn.Identity())
+    # Outside inference mode: parameters converted inside it could never be trained again.
     layout.apply_layout(model.to(device), memory_layout).eval()
     try:
         chunks = []
         for x, _ in eval_batches(images, images.new_zeros(len(images)), batch_size):
-            with autocast(device, precision):
+            with torch.inference_mode(), autocast(device, precision):
                 chunks.append(model(x.to(device, non_blocking=True)).float().cpu())
         return torch.cat(chunks)
     finally:

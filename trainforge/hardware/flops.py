@@ -39,9 +39,10 @@ def count_flops(model: nn.Module, example: torch.Tensor) -> FlopCount:
     """FLOPs per sample of `model` on inputs shaped like `example` (a batch [N, ...]); the model is not modified."""
     if example.dim() < 1 or example.shape[0] < 1:
         raise ModelError(f"count_flops needs a batch of at least one example, got shape {tuple(example.shape)}")
-    batch = example.shape[0]
+    # At least two: training-mode batch norm refuses a single value per channel (a 1x1 map of one image).
+    batch = max(2, example.shape[0])
     meta_state = {name: _meta_like(t) for name, t in (*model.named_parameters(), *model.named_buffers())}
-    meta_input = torch.empty(example.shape, dtype=example.dtype, device="meta")
+    meta_input = torch.empty((batch, *example.shape[1:]), dtype=example.dtype, device="meta")
     was_training = model.training
     try:
         model.eval()

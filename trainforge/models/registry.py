@@ -118,9 +118,11 @@ class Preprocess(nn.Module):
         channels = x.shape[1]
         if torch.compiler.is_exporting():
             # An exported graph takes images of any size, so it always resizes (an identity at the model's size).
-            return self._adapt(x.float(), channels, always_resize=True)
-        if channels != self.in_channels or x.shape[-2] != self.image_size or x.shape[-1] != self.image_size:
+            x = self._adapt(x.float(), channels, always_resize=True)
+        elif channels != self.in_channels or x.shape[-2] != self.image_size or x.shape[-1] != self.image_size:
             x = self._adapt(x.float(), channels)
+        # The copy also materializes a grayscale image expanded to three channels, which the in-place
+        # normalization would otherwise scale once per channel in an exported graph.
         return x.to(torch.float32, copy=fresh)
 
     def feature_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
