@@ -18,7 +18,7 @@ Steps, in order of value (issue 19):
                      provider present (benchmarks/onnx_providers.py), served under load batched and unbatched
                      (benchmarks/serve_load.py)
   compile_*          the cnn in bf16 without and with --compile; compile time = the difference of their wall-clocks
-  batch_auto_*       `bench --batch-size auto` for cnn and resnet18 at 224 px, where the CLI accepts it
+  batch_auto_*       `train --batch-size auto` for cnn and resnet18 at 224 px, where the CLI accepts it
   nccl               `train --nproc N` over NCCL, only when N > 1 GPUs are visible
   finetune_speed     benchmarks/finetune_speed.py on CUDA (bf16, --compile), where that script exists
   fashion_recipe     `train --data fashion-mnist` with its own recipe, where trainforge has one
@@ -163,15 +163,17 @@ def plan_measurements(ctx: Context) -> list[Step]:
 
 
 def plan_batch_auto(ctx: Context) -> list[Step]:
-    """`--batch-size auto` for the cnn and resnet18 at 224 px, where the CLI accepts it."""
+    """`train --batch-size auto` for the cnn and resnet18 at 224 px (one epoch of a Fashion-MNIST subset), where the
+    CLI accepts it: the batch size chosen and the memory it used."""
     steps = []
     side = "16" if ctx.dry else "224"
+    work = ["--subset", "64", "--epochs", "1"] if ctx.dry else ["--subset", "10000", "--epochs", "1"]
     for name, model in (("batch_auto_cnn", ["--model", "cnn"]),
                         ("batch_auto_resnet18_224", ["--model", "resnet18", "--image-size", side])):
-        argv = tf("bench", *model, "--device", ctx.device, "--precision", "bf16", "--batch-size", "auto", "--json",
-                  *(["--steps", "1", "--warmup", "0"] if ctx.dry else []))
-        title = f"bench {model[1]}{f' at {model[3]} px' if len(model) > 2 else ''} --batch-size auto"
-        step = Step(name, title, argv, 150, summarize_bench)
+        argv = tf("train", "--data", "fashion-mnist", *model, "--device", ctx.device, "--batch-size", "auto",
+                  "--out", str(ctx.work / name), "--no-tensorboard", "--json", *work)
+        title = f"train {model[1]}{f' at {model[3]} px' if len(model) > 2 else ''} --batch-size auto"
+        step = Step(name, title, argv, 300, summarize_batch_auto)
         if ctx.features["batch_size_auto"]:
             step.status, step.reason = UNAVAILABLE, ctx.features["batch_size_auto"]
         steps.append(step)
@@ -224,7 +226,7 @@ def plan_other_issues(ctx: Context) -> list[Step]:
 
 def detect_features(ctx: Context) -> dict[str, str | None]:
     """Which features of other issues this version has: name -> None, or why it is not available."""
-    rc, _, _, _ = execute(tf("bench", "--batch-size", "auto", "--help"), 120, ctx.env)
+    rc, helped, _, _ = execute(tf("train", "--help"), 120, ctx.env)
     rc_models, models, err, _ = execute(tf("models", "--json"), 120, ctx.env)
     if rc_models != 0:
         fashion = f"`trainforge models --json` failed: {tail(err)}"
@@ -232,7 +234,8 @@ def detect_features(ctx: Context) -> dict[str, str | None]:
         fashion = None
     else:
         fashion = "`trainforge models` lists no Fashion-MNIST recipe"
-    return {"batch_size_auto": None if rc == 0 else "`trainforge bench` does not accept --batch-size auto",
+    return {"batch_size_auto": None if rc == 0 and "--lr-scaling" in helped
+            else "`trainforge train` does not accept --batch-size auto",
             "finetune_speed": None if (REPO / "benchmarks" / "finetune_speed.py").is_file()
             else "benchmarks/finetune_speed.py does not exist",
             "fashion_recipe": fashion}
@@ -411,6 +414,16 @@ def summarize_train(record: dict, records: dict[str, dict]) -> str:
     return (f"{100 * r['test_acc']:.2f}% after {r['epochs']:g} epochs in {r['train_seconds']:.2f} s of training "
             f"({r['samples_per_second']:,.0f} samples/s, {r['device']}, precision {r['precision']}, "
             f"{r['world_size']} process(es))")
+
+
+def summarize_batch_auto(record: dict, records: dict[str, dict]) -> str:
+    r = record["result"]
+    import yaml
+
+    chosen = yaml.safe_load((Path(r["run_dir"]) / "config.yaml").read_text())
+    gpu = f", GPU max allocated {r['peak_gpu_bytes'] / 2 ** 30:.1f} GiB" if r.get("peak_gpu_bytes") else ""
+    return (f"batch {chosen['batch_size']} (lr {chosen['lr']:.3g}, {chosen['accumulate']} micro-batch(es)): "
+            f"{summarize_train(record, records)}; peak RSS {r['peak_rss_bytes'] / 2 ** 30:.1f} GiB{gpu}")
 
 
 def summarize_bench(record: dict, records: dict[str, dict]) -> str:
