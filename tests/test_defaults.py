@@ -67,6 +67,7 @@ def test_a_folder_of_rgb_photos_picks_the_pretrained_model(tmp_path, monkeypatch
                         or {"run_dir": None})
     assert cli.main(["train", "--data", str(folder), "--epochs", "2", "--quiet"]) == 0
     assert calls == [({"source": "efficientnet_lite0"}, {"data": str(folder), "epochs": 2.0})]
+    assert cli.main(["train", "--data", str(folder), "--nproc", "2"]) == 2 and len(calls) == 1
     # Resized below 64 px, the same images go to the cnn.
     assert defaults.default_choice(cfg.TrainConfig(data=str(folder), image_size=32)).model == "cnn"
 

@@ -42,7 +42,8 @@ class TrainConfig:
     """Everything that defines a training run. Fields left at None are filled from the recipe."""
 
     recipe: str | None = option(None, "named bundle of model, optimizer, schedule, batch size and epochs "
-                                      "(default: the model's own recipe, or 'reference')")
+                                      "(default: the data set's recipe for the model, else the model's own, else "
+                                      "'reference')")
     data: str = option("mnist", "built-in data set (mnist, fashion-mnist) or a folder of images, one sub-folder per class")
     data_dir: str | None = option(None, "root of the built-in data sets (default: $TRAINFORGE_DATA, else the first "
                                            "complete copy in ~/.cache/trainforge, /usr/share/datasets or the "
@@ -54,7 +55,8 @@ class TrainConfig:
                                   "evaluate on that held-out part instead of the test set (as `tune` does)")
     image_size: int | None = option(None, "resize folder images to this side length (default: their own size)",
                                     positive=True)
-    model: str | None = option(None, "registered model name (see `trainforge models`)")
+    model: str | None = option(None, "registered model name (see `trainforge models`; default: the data set's "
+                                     "default model, or one chosen from an image folder's images)")
     width: int | None = option(None, "width multiplier input of models that take one (channels or hidden units)",
                                positive=True)
     epochs: float | None = option(None, "training epochs; fractions train part of the last epoch", positive=True)
@@ -67,7 +69,9 @@ class TrainConfig:
     schedule: str | None = option(None, "learning-rate schedule", choices=("constant", "cosine", "onecycle"))
     warmup: float | None = option(None, "fraction of training spent warming the learning rate up", low=0.0, high=1.0)
     label_smoothing: float | None = option(None, "label smoothing of the cross-entropy loss", low=0.0, high=0.5)
-    augment: str | None = option(None, "augmentation on the device", choices=("none", "translate", "flip", "flip-translate"))
+    augment: str | None = option(None, "augmentation on the device: random left-right flips (for classes that look "
+                                       "the same mirrored, as clothing does; not digits or text) and/or shifts by up "
+                                       "to 2 pixels", choices=("none", "translate", "flip", "flip-translate"))
     device: str = option("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     precision: str = option("auto", "auto (bf16 on GPUs that support it, else fp32), 32, bf16 or fp16",
                             choices=("auto", "32", "bf16", "fp16"))

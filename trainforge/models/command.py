@@ -45,31 +45,30 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         console = Console()
         console.print(table)
         print("recipes: " + ", ".join(sorted(RECIPES)))
-        console.print(_datasets_table(datasets))
+        for line in _dataset_lines(datasets):
+            print(line)
     return {"models": models, "recipes": sorted(RECIPES), "datasets": datasets}
 
 
-def _datasets_table(rows: list[dict[str, Any]]) -> Any:
-    from rich.table import Table
-
+def _dataset_lines(rows: list[dict[str, Any]]) -> list[str]:
     from ..train.recipes import RECIPES
 
-    table = Table(title="`trainforge train --data NAME` without --model, and other recipes measured on each set "
-                        "(by the scripts in benchmarks/)")
-    for column in ("data set", "model", "recipe"):
-        table.add_column(column, no_wrap=True)
-    table.add_column("test accuracy and train seconds, as measured")
+    lines = ["built-in data sets: what `trainforge train --data NAME` trains without --model, and the recipes the "
+             "scripts in benchmarks/ measured on each"]
     for row in rows:
-        table.add_row(row["data"], row["model"], f"{row['recipe']} (default)", _measurement(row["measured"]))
+        lines.append(f"  {row['data']}: recipe {row['recipe']} (model {row['model']}): {_measurement(row['measured'])}")
         for recipe, result in row["measured_recipes"].items():
             if recipe != row["recipe"]:
-                table.add_row(row["data"], RECIPES.get(recipe, {}).get("model", "-"), recipe, _measurement(result))
-    return table
+                model = RECIPES.get(recipe, {}).get("model", "-")
+                lines.append(f"    also measured: recipe {recipe} (model {model}): {_measurement(result)}")
+    return lines
 
 
 def _measurement(m: dict[str, Any] | None) -> str:
     if m is None:
         return "not measured yet"
-    spread = f" ± {100 * m['acc_std']:.2f} over {m['seeds']} seeds" if m["seeds"] > 1 else " (one seed)"
-    return (f"{100 * m['acc_mean']:.2f}%{spread} in {m['seconds_median']:.1f} s (median; {m['device']}, "
-            f"{m['threads']} threads, {m['date']})")
+    spread = f" ± {100 * m['acc_std']:.2f} over {m['seeds']} seeds" if m["seeds"] > 1 else " (1 seed)"
+    # The load average says how much other work shared the machine, and so how far the time is from its own.
+    load = f", load average {max(m['load_average']):.1f}" if m.get("load_average") else ""
+    return (f"{100 * m['acc_mean']:.2f}%{spread}, {m['seconds_median']:.1f} s of training (median; {m['device']}, "
+            f"{m['threads']} threads{load}, {m['date']})")
