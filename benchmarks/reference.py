@@ -21,8 +21,10 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import math
+import os
 import statistics
 import sys
 import tempfile
@@ -41,6 +43,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from trainforge.data import DataBundle, ImageSet, balanced_subset, load_data  # noqa: E402
+from trainforge.train.recipes import record_measurement  # noqa: E402
 
 
 class MNISTImages(Dataset):
@@ -132,6 +135,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         epochs = 1
 
     results: list[Any] = []
+    load_before = os.getloadavg()[0]
 
     def trainforge_runs(epochs_done: int) -> None:
         # Spread over the plain loop's epochs, so that both arms see the same moments of a shared, noisy host.
@@ -163,6 +167,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"{ours['train_seconds']:.2f} s of {args.repeats} runs; first run {runs_seconds[0]:.2f} s, "
         f"{report['speedup_first_run']:.0f}x; {result.precision}, {torch.get_num_threads()} threads, "
         f"torch {torch.__version__})")
+    if not args.quick:
+        record_measurement("mnist", "reference", {
+            "acc_mean": ours["test_acc"], "acc_std": 0.0, "seeds": 1, "seconds_median": ours["train_seconds"],
+            "device": report["device"], "threads": report["threads"], "torch": report["torch"],
+            "date": datetime.date.today().isoformat(), "load_average": [load_before, os.getloadavg()[0]],
+            "benchmark": f"benchmarks/reference.py ({args.repeats} runs of seed 0)"})
     if args.json:
         print(json.dumps(report))
     return report

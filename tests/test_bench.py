@@ -102,6 +102,16 @@ def test_flop_count_of_linear_is_the_hand_count_and_leaves_the_model_alone():
     assert cnn.net[0][1].num_batches_tracked.item() == 0  # BatchNorm statistics untouched
 
 
+def test_flop_count_of_a_depthwise_convolution_counts_its_weight_gradient_once_per_channel():
+    # 64 channels, 3x3 depthwise on 16x16: 2*64*9*256 FLOPs forward; its weight and input gradients cost as much
+    # each (torch's own formula multiplied the weight gradient by the 64 groups).
+    net = torch.nn.Sequential(torch.nn.Conv2d(64, 64, 1), torch.nn.Conv2d(64, 64, 3, padding=1, groups=64))
+    count = count_flops(net, torch.zeros(1, 64, 16, 16))
+    pointwise, depthwise = 2 * 64 * 64 * 256, 2 * 64 * 9 * 256
+    assert count.forward == pointwise + depthwise
+    assert count.train == 2 * pointwise + 3 * depthwise  # no input gradient for the first layer
+
+
 def test_bench_linear_reports_exact_flops_mfu_and_a_plot(measured_cache, tmp_path, capsys):
     plot = tmp_path / "bench.png"
     result = last_json(run_cli("bench", "--model", "linear", "--device", "cpu", "--batch-size", "64", "256",

@@ -93,3 +93,32 @@ def test_linear_training_forward_folds_the_normalization_into_the_same_function(
     torch.testing.assert_close(inference_logits, plain_logits, rtol=1e-5, atol=1e-5)
     for folded, plain in zip(folded_grads, plain_grads):
         torch.testing.assert_close(folded, plain, rtol=1e-4, atol=1e-6)
+
+
+def test_fashion_cnn_evaluates_each_image_with_its_mirror_image_wherever_it_goes(tmp_path, data_root):
+    """The test-time flip is part of the model: evaluation in training, `load()` and an ONNX export all average the
+    two views, and training sees one."""
+    import trainforge
+    from trainforge.data import DataBundle, ImageSet, balanced_subset, load_data
+    from trainforge.export import export_run
+
+    fashion = load_data("fashion-mnist", str(data_root))
+    idx = balanced_subset(fashion.train.labels, 512, 0)
+    train = ImageSet(fashion.train.images[idx], fashion.train.labels[idx], fashion.classes)
+    test = ImageSet(fashion.test.images[:500], fashion.test.labels[:500], fashion.classes)
+    bundle = DataBundle("fashion-mnist", train, test, fashion.mean, fashion.std)
+    out = tmp_path / "run"
+    result = trainforge.train({"data": "fashion-mnist", "model": "fashion_cnn", "epochs": 1, "out": str(out),
+                               "tensorboard": False}, data=bundle, progress=False)
+    model = trainforge.load(out)
+    images = bundle.test.images
+    with torch.inference_mode():
+        logits = model(images)
+        torch.testing.assert_close(logits, model(images.flip(-1)), atol=1e-5, rtol=0)
+        acc = (logits.argmax(1) == bundle.test.labels).float().mean().item()
+    assert acc == pytest.approx(result.test_acc, abs=1e-6)
+    model.train()
+    with torch.no_grad():
+        assert not torch.allclose(model(images[:8]), model(images[:8].flip(-1)), atol=1e-5)
+    exported = export_run(out, tmp_path / "model.onnx", format="onnx", check_images=200, data_dir=str(data_root))
+    assert exported["parity"]["max_abs_diff"] <= 1e-4

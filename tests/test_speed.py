@@ -87,6 +87,17 @@ def test_time_to_accuracy_benchmark_runs_end_to_end():
     assert report["speedrun"]["train_gflop"] < 0.7 * report["peer"]["train_gflop"]
 
 
+def test_time_to_accuracy_benchmark_races_the_fashion_mnist_peer():
+    report = _bench("time_to_accuracy.py", "--data", "fashion-mnist", "--quick", "--device", "cpu", "--seeds", "1")
+    assert report["data"] == "fashion-mnist" and report["recipe_name"] == "fashion" and report["target"] == 0.92
+    assert report["peer_epochs"] == 2 and report["epochs"] == 1  # --quick cuts both arms short
+    peer, ours = report["peer"], report["fashion"]
+    assert len(peer["epoch_accs"][0]) == 2 and peer["seconds_to_target"] == [None]  # 92% is out of reach here
+    # 10 and 16 steps on 4,096 images: both well above chance (0.10), neither near its final accuracy yet.
+    assert peer["acc_mean"] > 0.4 and ours["acc_mean"] > 0.3, report
+    assert ours["train_gflop"] < peer["train_gflop"]
+
+
 def test_reference_benchmark_runs_end_to_end():
     report = _bench("reference.py", "--quick", "--repeats", "2")
     assert report["quick"] and report["epochs"] == 1 and report["train_images"] == 2000

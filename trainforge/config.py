@@ -46,7 +46,8 @@ class TrainConfig:
     RENAMED: typing.ClassVar[dict[str, str]] = {"strategy": "parallel"}
 
     recipe: str | None = option(None, "named bundle of model, optimizer, schedule, batch size and epochs "
-                                      "(default: the model's own recipe, or 'reference')")
+                                      "(default: the data set's recipe for the model, else the model's own, else "
+                                      "'reference')")
     data: str = option("mnist", "built-in data set (mnist, fashion-mnist) or a folder of images, one sub-folder per class")
     data_dir: str | None = option(None, "root of the built-in data sets (default: $TRAINFORGE_DATA, else the first "
                                            "complete copy in ~/.cache/trainforge, /usr/share/datasets or the "
@@ -58,7 +59,8 @@ class TrainConfig:
                                   "evaluate on that held-out part instead of the test set (as `tune` does)")
     image_size: int | None = option(None, "resize folder images to this side length (default: their own size)",
                                     positive=True)
-    model: str | None = option(None, "registered model name (see `trainforge models`)")
+    model: str | None = option(None, "registered model name (see `trainforge models`; default: the data set's "
+                                     "default model, or one chosen from an image folder's images)")
     width: int | None = option(None, "width multiplier input of models that take one (channels or hidden units)",
                                positive=True)
     epochs: float | None = option(None, "training epochs; fractions train part of the last epoch", positive=True)
@@ -83,7 +85,9 @@ class TrainConfig:
     schedule: str | None = option(None, "learning-rate schedule", choices=("constant", "cosine", "onecycle"))
     warmup: float | None = option(None, "fraction of training spent warming the learning rate up", low=0.0, high=1.0)
     label_smoothing: float | None = option(None, "label smoothing of the cross-entropy loss", low=0.0, high=0.5)
-    augment: str | None = option(None, "augmentation on the device", choices=("none", "translate", "flip", "flip-translate"))
+    augment: str | None = option(None, "augmentation on the device: random left-right flips (for classes that look "
+                                       "the same mirrored, as clothing does; not digits or text) and/or shifts by up "
+                                       "to 2 pixels", choices=("none", "translate", "flip", "flip-translate"))
     device: str = option("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     precision: str | None = option(None, "auto (bf16 on GPUs that support it, and on CPUs with native bf16 for models "
                                          "it measured faster on; else fp32), 32, bf16 or fp16 (default: the "

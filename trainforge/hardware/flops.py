@@ -18,6 +18,7 @@ import dataclasses
 import torch
 from torch import nn
 from torch.func import functional_call
+from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..errors import ModelError
@@ -46,11 +47,11 @@ def count_flops(model: nn.Module, example: torch.Tensor) -> FlopCount:
     was_training = model.training
     try:
         model.eval()
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        with torch.no_grad(), _counter() as counter:
             functional_call(model, meta_state, (meta_input,))
         forward = counter.get_total_flops()
         model.train()
-        with FlopCounterMode(display=False) as counter:
+        with _counter() as counter:
             out = functional_call(model, meta_state, (meta_input,))
             out.float().sum().backward()
         train = counter.get_total_flops()
@@ -59,6 +60,18 @@ def count_flops(model: nn.Module, example: torch.Tensor) -> FlopCount:
     finally:
         model.train(was_training)
     return FlopCount(forward=forward // batch, train=train // batch)
+
+
+def _counter() -> FlopCounterMode:
+    return FlopCounterMode(display=False, custom_mapping={torch.ops.aten.convolution_backward: _conv_backward_flop})
+
+
+def _conv_backward_flop(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
+                        _output_padding, _groups, output_mask, out_shape=None, **kwargs) -> int:
+    """A convolution's backward: its input and its weight gradient each cost what its forward pass does. (torch's
+    own formula ignores groups for the weight gradient, which made a depthwise layer cost `groups` times more.)"""
+    forward = flop_counter.conv_flop_count(x_shape, w_shape, grad_out_shape, transposed)
+    return forward * (int(bool(output_mask[0])) + int(bool(output_mask[1])))
 
 
 def _meta_like(t: torch.Tensor) -> torch.Tensor:

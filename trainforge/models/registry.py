@@ -183,6 +183,24 @@ class Classifier(nn.Module):
         return None
 
 
+class FlipAveraged(nn.Module):
+    """A network that, outside training, averages its logits over each image and its left-right mirror image.
+
+    Part of the model rather than of an evaluation routine, so that `load()`, export and serving give the same
+    predictions as the evaluation during training, and pay the same second forward pass. Both views run as one
+    batch of 2N. Only for classes that look the same mirrored (clothing, most photos), never digits or text.
+    """
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            return self.net(x)
+        return self.net(torch.cat([x, x.flip(-1)])).unflatten(0, (2, -1)).mean(0)
+
+
 def build_classifier(name: str, num_classes: int, in_channels: int, image_size: int, mean: tuple[float, ...],
                      std: tuple[float, ...], width: int | None = None) -> Classifier:
     """A registered network wrapped with the preprocessing of its data."""

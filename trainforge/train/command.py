@@ -2,15 +2,23 @@
 
 Examples:
   trainforge train                                   # the reference recipe: linear model on MNIST
+  trainforge train --data fashion-mnist              # Fashion-MNIST's own default model and recipe
+  trainforge train --data path/to/folder             # a model chosen from the folder's images (the choice is printed)
   trainforge train --data mnist --model cnn          # >= 99% on MNIST
   trainforge train --recipe speedrun                 # the fastest way to >= 99% on MNIST
-  trainforge train --data fashion-mnist --recipe cnn --epochs 5
   trainforge train --data path/to/folder --model resnet18 --image-size 64
   trainforge train --config runs/x/config.yaml       # re-run a saved run
   trainforge train --resume runs/x                   # continue an interrupted run
   trainforge train --nproc 2                         # 2 local processes (DDP); --batch-size stays the global batch
   trainforge train --nproc 2 --resume runs/x         # resume on any number of processes
   torchrun --nproc-per-node 8 -m trainforge train --model resnet18 --parallel fsdp   # what --nproc runs, by hand
+
+Which model and recipe: an explicit --recipe wins; else the data set's recipe for the chosen model; else the
+model's own recipe; else `reference`. Flags set after that override single fields. Without --model a built-in data
+set trains its default model (`trainforge models` lists each set's default recipe with its measured accuracy and
+time), and an image folder the small cnn from scratch or a fine-tuned EfficientNet-Lite0 (ImageNet weights,
+offline), chosen from the images' size and channels and the images per class; the choice and its reason are
+printed and the model is recorded in the run's config.yaml.
 
 Several processes: `--nproc N` starts N processes on this machine through torch.distributed's elastic launcher
 (torchrun); for several machines run torchrun on each, e.g. `torchrun --nnodes 2 --nproc-per-node 8
@@ -21,11 +29,13 @@ directory. If any process dies, or hangs for $TRAINFORGE_DIST_TIMEOUT seconds (d
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from typing import Any
 
 from .. import config as cfg
 from ..errors import ConfigError
+from . import defaults
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -53,6 +63,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     config = cfg.merge(cfg.TrainConfig, *layers, source=args.config or "command line")
     if args.resume and not os.path.isdir(args.resume):
         raise ConfigError(f"--resume {args.resume}: no such run directory")
+    choice = None if args.resume else defaults.default_choice(config)
+    if choice is not None:
+        if not (args.quiet or args.json):
+            print(choice.describe())
+        if choice.pretrained:
+            return _finetune(args, config, choice)
+        config = _take_choice(args, config, choice)
     if args.nproc is not None and args.nproc != 1:
         _launch(args, config)
         return None
@@ -67,6 +84,32 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
               f"({result.samples_per_second:,.0f} samples/s on {result.device}, {result.precision}); "
               f"run saved to {result.run_dir}")
     return result.to_dict() if result.run_dir else None
+
+
+def _take_choice(args: argparse.Namespace, config: cfg.TrainConfig, choice: defaults.Choice) -> cfg.TrainConfig:
+    """`config` with the chosen model (and epochs, unless given), also set as if typed, so that config.yaml and
+    every launched process carry the choice instead of making it again."""
+    args.model = choice.model
+    if config.epochs is None and choice.epochs is not None:
+        args.epochs = choice.epochs
+    return dataclasses.replace(config, model=args.model, epochs=getattr(args, "epochs", config.epochs))
+
+
+def _finetune(args: argparse.Namespace, config: cfg.TrainConfig, choice: defaults.Choice) -> dict[str, Any] | None:
+    """The pretrained path chosen for an image folder: `trainforge finetune --from SOURCE` with the options given."""
+    from ..finetune.command import finetune
+
+    if args.nproc is not None and args.nproc != 1:
+        raise ConfigError(f"--nproc: fine-tuning {choice.model} for {config.data} runs in one process here; pass "
+                          f"--model NAME to train from scratch on {args.nproc} processes")
+    unset = cfg.to_dict(cfg.TrainConfig())
+    # The fine-tuning defaults fill what the user left unset; the multi-process strategy does not apply.
+    given = {k: v for k, v in cfg.to_dict(config).items() if v != unset[k] and k != "parallel"}
+    result = finetune({"source": choice.model}, given, progress=not (args.quiet or args.json))
+    if result.get("run_dir") and not (args.quiet or args.json):
+        print(f"test accuracy {result['test_acc']:.4f} after {result['epochs']:g} epochs of fine-tuning in "
+              f"{result['train_seconds']:.2f} s; run saved to {result['run_dir']}")
+    return result if result.get("run_dir") else None
 
 
 def _launch(args: argparse.Namespace, config: cfg.TrainConfig) -> None:

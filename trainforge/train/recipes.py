@@ -6,6 +6,9 @@ Each recipe states its result in a line and names the `benchmarks/RESULTS.md` se
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
+from typing import Any
 
 from .. import config as cfg
 from ..errors import ConfigError
@@ -30,6 +33,11 @@ RECIPES: dict[str, dict] = {
     "speedrun": dict(model="speedrun_cnn", epochs=0.8, batch_size=256, optimizer="adam", lr=1e-2, betas=[0.7, 0.9],
                      weight_decay=0.0, schedule="onecycle", warmup=0.3, label_smoothing=0.1, augment="none",
                      precision="32"),
+    # Fashion-MNIST's default (`trainforge train --data fashion-mnist`): 93.8% over 3 seeds in under 3 minutes of
+    # training on 2 CPU cores (RESULTS.md, "Defaults beyond MNIST").
+    "fashion": dict(model="fashion_cnn", epochs=8, batch_size=256, optimizer="adamw", lr=4e-3, betas=[0.9, 0.99],
+                    weight_decay=5e-4, schedule="onecycle", warmup=0.2, label_smoothing=0.1, augment="flip",
+                    precision="32"),
     # For models registered without a recipe of their own (user models): AdamW with one-cycle is a forgiving start
     # for small image classifiers. It names no model, so it needs --model.
     "default": dict(epochs=5, batch_size=128, optimizer="adamw", lr=1e-3, betas=[0.9, 0.999], weight_decay=1e-4,
@@ -46,18 +54,78 @@ FALLBACKS = dict(momentum=0.9, betas=[0.9, 0.999], weight_decay=0.0, schedule="c
                  precision="auto")
 
 
+# Per built-in data set: the model trained when none is named (the first), and the recipe each listed model gets on
+# that set instead of its own.
+DATASET_RECIPES: dict[str, dict[str, str]] = {
+    "mnist": {"linear": "reference"},
+    "fashion-mnist": {"fashion_cnn": "fashion"},
+}
+
+
+# What the benchmark scripts measured of recipes (benchmarks/time_to_accuracy.py, benchmarks/reference.py), written by
+# them and read by `trainforge models`: data set -> recipe -> result.
+MEASURED_FILE = Path(__file__).with_name("measured.json")
+
+
+def measured() -> dict[str, dict[str, dict[str, Any]]]:
+    """data set -> recipe -> the result a benchmark script recorded for it (empty where nothing was measured)."""
+    try:
+        return json.loads(MEASURED_FILE.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{MEASURED_FILE}: unreadable measurements ({exc}); re-run the benchmark that writes it")
+
+
+def record_measurement(data: str, recipe: str, result: dict[str, Any]) -> None:
+    """Stores `result` as the measurement of `recipe` on `data`, replacing an earlier one (for the benchmarks)."""
+    from .. import runs
+
+    table = measured()
+    table.setdefault(data, {})[recipe] = result
+    runs.write_json(MEASURED_FILE, table)
+
+
+def choose(config: cfg.TrainConfig) -> tuple[str, str | None, float | None]:
+    """(recipe, model, epochs) for `config`.
+
+    The recipe: an explicit one wins; else the data set's recipe for the chosen model; else the model's own recipe;
+    else 'reference'. The model: the one named, else the data set's default, else the one chosen from an image
+    folder (`defaults.default_choice`), which may also set the epochs; None when only the recipe names it.
+    """
+    from .defaults import default_choice
+
+    if config.recipe is not None:
+        return config.recipe, config.model, None
+    model, epochs = config.model, None
+    table = DATASET_RECIPES.get(config.data, {})
+    if model is None and table:
+        model = next(iter(table))
+    elif model is None:
+        choice = default_choice(config)
+        if choice is not None and choice.pretrained:
+            raise ConfigError(f"{config.data}: {choice.describe()}; `trainforge train` fine-tunes it, as does "
+                              f"trainforge.finetune.command.finetune({{'source': {choice.model!r}}}, {{'data': ...}}) "
+                              f"from Python; or pass a model to train from scratch")
+        if choice is not None:
+            model, epochs = choice.model, choice.epochs
+    if model is None:
+        return "reference", None, None
+    return table.get(model) or model_entry(model).default_recipe, model, epochs
+
+
 def resolve(config: cfg.TrainConfig) -> cfg.TrainConfig:
     """A complete config: fields the user left at None come from the recipe, then from the fallbacks.
 
-    The recipe is the one named, else the model's own, else 'reference'. The model's registry entry names its
-    recipe, and a recipe for another model only lends its hyperparameters.
+    Model and recipe are chosen as `choose` says; a recipe for another model only lends its hyperparameters.
     """
     values = dataclasses.asdict(config)
-    name = config.recipe
-    if name is None:
-        name = model_entry(config.model).default_recipe if config.model else "reference"
+    name, model, epochs = choose(config)
     if name not in RECIPES:
         raise ConfigError(f"unknown recipe {name!r}; known recipes: {', '.join(sorted(RECIPES))}")
+    values["model"] = values["model"] or model
+    if values["epochs"] is None:
+        values["epochs"] = epochs
     merged = {**FALLBACKS, **RECIPES[name]}
     for key, value in merged.items():
         if values.get(key) is None:
