@@ -221,6 +221,10 @@ def test_the_process_that_failed_on_its_own_is_named_as_the_cause():
     assert "lost contact" in distributed._describe_failure(0, failures[0], 2)
     failures[1].exitcode = distributed.PEER_LOST_EXIT_STATUS
     assert distributed._root_cause(failures) == 0
+    # The SIGTERM the launcher sends the survivors is not the cause either, even when it is recorded first.
+    failures = {0: SimpleNamespace(exitcode=-signal.SIGTERM, timestamp=100),
+                1: SimpleNamespace(exitcode=-signal.SIGKILL, timestamp=100)}
+    assert distributed._root_cause(failures) == 1
 
 
 def test_nproc_mistakes_are_one_line_errors(capsys):

@@ -302,8 +302,10 @@ def _describe_failure(rank: int, failure: Any, world: int) -> str:
 
 
 def _root_cause(failures: dict[int, Any]) -> int:
-    """The rank whose failure ended the job: the earliest one that did not merely lose contact with the others."""
+    """The rank whose failure ended the job: the earliest one that did not merely lose contact with the others, nor
+    take the SIGTERM the launcher sends the survivors (failure timestamps are whole seconds, so they often tie)."""
     own = {r: f for r, f in failures.items() if f.exitcode != PEER_LOST_EXIT_STATUS} or failures
+    own = {r: f for r, f in own.items() if f.exitcode != -signal.SIGTERM} or own
     return min(own, key=lambda r: (own[r].timestamp, r))
 
 
