@@ -21,8 +21,8 @@ from conftest import REPO, run_cli
 import trainforge
 from trainforge import cli, runs
 from trainforge import config as cfg
-from trainforge.errors import ConfigError
-from trainforge.train import command, distributed
+from trainforge.errors import ConfigError, TrainingError
+from trainforge.train import command, distributed, loop
 
 # 451 images in batches of 200: the last batch of 51 splits 26/25 over two processes, so equality with one
 # process also checks that uneven shards are weighted by their size. No BN in a linear model: nothing rank-local.
@@ -37,7 +37,7 @@ WRITE_LOGGER = """
 import os, sys
 from trainforge import cli, runs
 from trainforge import config as cfg
-from trainforge.errors import ConfigError
+from trainforge.errors import ConfigError, TrainingError
 
 log = open(sys.argv[1], "a")
 original = runs.atomic_open
@@ -85,13 +85,16 @@ def test_two_processes_follow_one_and_checkpoints_move_between_world_sizes_and_s
     assert len(ref_metrics) == 3
 
     # Two DDP processes from scratch, started by torchrun itself; every file write is logged with its rank.
+    # Process 1 runs out of memory in step 2 and process 0 in the first evaluation (injected): both switch together
+    # (2 micro-batches per step, evaluation batches halved), and the trajectory stays the one-process one.
     # (It runs while the --nproc job below runs: the two are independent, and their start-ups overlap.)
     script, log, ddp = tmp_path / "logged.py", tmp_path / "writes.log", tmp_path / "ddp"
     script.write_text(WRITE_LOGGER)
     torchrun = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
                                  "2", "--max-restarts", "0", str(script), str(log), "train", *SMALL_FLAGS,
                                  "--epochs", "3", "--out", str(ddp), "--quiet"],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**_env(), loop.OOM_ENV: "step=2@1,eval=1@0"})
 
     # The one-process checkpoint after epoch 1, resumed on two processes sharded with FSDP, via --nproc.
     try:
@@ -110,6 +113,11 @@ def test_two_processes_follow_one_and_checkpoints_move_between_world_sizes_and_s
 
     assert torchrun.returncode == 0, torchrun_err[-3000:]
     _assert_same_epochs(_metrics(ddp), ref_metrics)
+    first = _metrics(ddp)[0]
+    assert first["oom_recoveries"] == [{"step": 2, "accumulate": 2, "micro_batch": 50},
+                                       {"evaluation": 1, "eval_batch_size": first["eval_batch_size"]}]
+    assert [m["accumulate"] for m in _metrics(ddp)] == [2, 2, 2]
+    assert "out of memory on process 1 at step 2: 2 micro-batches of 50" in torchrun_err
     _assert_same_weights(ddp, ref)
     writes = [line.split() for line in log.read_text().splitlines()]
     assert {rank for rank, _ in writes} == {"0"}, "a rank other than 0 wrote to the run directory"
@@ -286,3 +294,29 @@ def test_time_based_checkpoints_mid_epoch_are_agreed_by_every_process(tmp_path, 
                       "--checkpoint-minutes", "1e-6", "--json", timeout=240)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert json.loads(resumed.stdout.strip().splitlines()[-1])["steps"] == 40
+
+
+def test_flat_buckets_round_trip_every_layout_and_dtype(monkeypatch):
+    """What the DDP step averages and broadcasts goes through flat copies; they come back into the same tensors,
+    channels-last ones included, in buckets no larger than asked (plus the tensor that crossed the limit)."""
+    monkeypatch.setattr(distributed, "BUCKET_ELEMENTS", 100)
+    tensors = [torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last), torch.randn(70), torch.randn(50),
+               torch.arange(3), torch.randn(10, 10)]
+    want = [t.clone() for t in tensors]
+    buckets = list(distributed._flat_buckets(tensors))
+    assert [len(group) for _, group in buckets] == [1, 2, 1, 1]  # the int64 tensor in a bucket of its own
+    for flat, group in buckets:
+        distributed._unflatten(flat * 2, group)
+    for got, before in zip(tensors, want):
+        torch.testing.assert_close(got, before * 2)
+    assert tensors[0].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_out_of_memory_under_fsdp_names_the_accumulation_to_rerun_with():
+    """FSDP gathers and reduces inside the passes, so its processes cannot settle an out-of-memory error together:
+    the one that met it stops the job with the --accumulate that would fit."""
+    parts = SimpleNamespace(optimizer=torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1),
+                            device=torch.device("cpu"), agree=False, accumulate=2)
+    run = SimpleNamespace(parts=parts, state=SimpleNamespace(step=6), world=2, rank=1)
+    with pytest.raises(TrainingError, match="out of memory at step 7 on process 1 .* re-run with --accumulate 4"):
+        loop._recover(run, 64, torch.OutOfMemoryError("CUDA out of memory"))

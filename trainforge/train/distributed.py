@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import inspect
 import logging
 import os
 import signal
@@ -115,6 +116,60 @@ def mean_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def agree(values: torch.Tensor, failed: bool) -> tuple[torch.Tensor, list[int]]:
+    """`values` summed over the processes, and the ranks that say they `failed`: one all-reduce for both, where
+    processes settle an error that only some of them met before any enters a collective the others would not."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return values, [0] if failed else []
+    flags = torch.zeros(dist.get_world_size(), device=values.device, dtype=values.dtype)
+    flags[dist.get_rank()] = float(failed)
+    both = torch.cat([values.reshape(-1), flags])
+    dist.all_reduce(both, op=dist.ReduceOp.SUM)
+    return both[:values.numel()].reshape(values.shape), both[values.numel():].nonzero().flatten().tolist()
+
+
+def average_gradients(model: nn.Module) -> None:
+    """What DDP's backward pass does, after it: every gradient replaced by its mean over the processes."""
+    world = dist.get_world_size()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    for flat, group in _flat_buckets(grads):
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)  # gloo has no AVG reduction
+        flat /= world
+        _unflatten(flat, group)
+
+
+def broadcast_buffers(model: nn.Module) -> None:
+    """Rank 0's buffers (batch-norm statistics) on every process, as DDP's `broadcast_buffers` keeps them."""
+    for flat, group in _flat_buckets(list(model.buffers())):
+        dist.broadcast(flat, src=0)
+        _unflatten(flat, group)
+
+
+BUCKET_ELEMENTS = 1 << 22  # per collective: few calls, and a bounded extra copy (16 MB of fp32)
+
+
+def _flat_buckets(tensors: list[torch.Tensor]) -> Iterator[tuple[torch.Tensor, list[torch.Tensor]]]:
+    """Flat copies of `tensors`, grouped by dtype and device in buckets of about BUCKET_ELEMENTS, in the same order
+    on every process."""
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault((t.dtype, t.device), []).append(t)
+    for group in groups.values():
+        bucket: list[torch.Tensor] = []
+        size = 0
+        for i, t in enumerate(group):
+            bucket.append(t)
+            size += t.numel()
+            if size >= BUCKET_ELEMENTS or i == len(group) - 1:
+                yield torch.cat([b.reshape(-1) for b in bucket]), bucket
+                bucket, size = [], 0
+
+
+def _unflatten(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
+    for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
+        t.copy_(part.view(t.shape))
+
+
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
@@ -168,8 +223,14 @@ def wrap(model: nn.Module, parallel: str, device: torch.device, world: int) -> n
     if world <= 1:
         return model
     if parallel == "ddp":
-        return nn.parallel.DistributedDataParallel(
-            model, device_ids=[torch.cuda.current_device()] if device.type == "cuda" else None)
+        # The training step averages gradients and broadcasts buffers itself, after the processes agree that none
+        # ran out of memory (loop._agreed_step); DDP keeps its first broadcast of the weights and its no_sync().
+        ddp = nn.parallel.DistributedDataParallel
+        # torch 2.14 renamed the option (and kept the broadcast at start, which is wanted here).
+        no_forward_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
+                           inspect.signature(ddp.__init__).parameters else {"broadcast_buffers": False})
+        return ddp(model, device_ids=[torch.cuda.current_device()] if device.type == "cuda" else None,
+                   **no_forward_sync)
     from torch.distributed.device_mesh import init_device_mesh
 
     fully_shard = _fully_shard()

@@ -35,8 +35,8 @@ from .progress import ProgressReporter
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
-# Fault injection for the recovery tests: "step=N" raises torch.OutOfMemoryError before optimizer step N (counted from
-# 1), "eval=N" in the N-th evaluation; once each per process.
+# Fault injection for the recovery tests: "step=N" raises torch.OutOfMemoryError in optimizer step N (counted from 1),
+# "eval=N" in the N-th evaluation; once each per process, or only on process R with "step=N@R".
 OOM_ENV = "TRAINFORGE_TEST_OOM"
 
 
@@ -109,6 +109,7 @@ class StepParts:
     precision: str
     skip_nonfinite: bool = False
     accumulate: int = 1  # micro-batches per optimizer step
+    agree: bool = False  # DDP processes: settle out-of-memory errors together before averaging (see _agreed_step)
 
 
 @dataclasses.dataclass
@@ -241,7 +242,7 @@ def setup(config: cfg.TrainConfig, data: DataBundle | None, hooks: Hooks, saved:
                    # On the CPU a host read of the loss costs nothing, so every step is checked; on a GPU it would
                    # stall the pipeline, so the loss is summed on the device and read at a few points per epoch.
                    check_every=1 if device.type == "cpu" or config.skip_nonfinite else max(1, len(loader) // 8),
-                   eval_batch_size=memory_plan.eval_batch_size, faults=_faults())
+                   eval_batch_size=memory_plan.eval_batch_size, faults=_faults(rank))
     except BaseException:
         if lock is not None:
             lock.release()
@@ -323,12 +324,14 @@ def _plan(config: cfg.TrainConfig, bundle: DataBundle, model: nn.Module, device:
     return config, memory_plan, notes
 
 
-def _faults() -> dict[str, int]:
-    """OOM_ENV parsed: {"step": N, "eval": N}."""
+def _faults(rank: int) -> dict[str, int]:
+    """OOM_ENV parsed for process `rank`: {"step": N, "eval": N}."""
     faults = {}
     for part in filter(None, os.environ.get(OOM_ENV, "").split(",")):
         kind, _, at = part.partition("=")
-        faults[kind.strip()] = int(at)
+        at, _, on = at.partition("@")
+        if not on or int(on) == rank:
+            faults[kind.strip()] = int(at)
     return faults
 
 
@@ -343,7 +346,8 @@ def _step_parts(config: cfg.TrainConfig, model: nn.Module, hooks: Hooks, device:
                      scheduler=make_scheduler(config, optimizer, total_steps),
                      scaler=torch.amp.GradScaler(device.type) if precision == "fp16" else None,
                      criterion=hooks.loss_fn or cross_entropy_loss(config.label_smoothing), device=device,
-                     precision=precision, skip_nonfinite=config.skip_nonfinite)
+                     precision=precision, skip_nonfinite=config.skip_nonfinite,
+                     agree=world > 1 and config.parallel == "ddp")
 
 
 def step(parts: StepParts, images: torch.Tensor, labels: torch.Tensor,
@@ -354,6 +358,8 @@ def step(parts: StepParts, images: torch.Tensor, labels: torch.Tensor,
     `loss_weight` scales the loss of a process's share of a multi-process batch (see distributed.loss_weight).
     With `parts.accumulate` > 1 the batch is split into that many micro-batches (see _accumulated_step).
     """
+    if parts.agree:
+        return _agreed_step(parts, images, labels, loss_weight)
     if parts.accumulate > 1:
         return _accumulated_step(parts, images, labels, loss_weight)
     with autocast(parts.device, parts.precision):
@@ -382,22 +388,62 @@ def step(parts: StepParts, images: torch.Tensor, labels: torch.Tensor,
 
 def _accumulated_step(parts: StepParts, images: torch.Tensor, labels: torch.Tensor,
                       loss_weight: float | None) -> torch.Tensor | None:
-    """step() over `parts.accumulate` micro-batches: each one's loss is weighted by its share of the batch and the
-    gradients add up to the whole batch's; processes synchronize them once, after the last micro-batch."""
+    """step() over `parts.accumulate` micro-batches; FSDP processes synchronize the gradients in the last one's
+    backward pass."""
     parts.optimizer.zero_grad(set_to_none=True)
+    total = _micro_batches(parts, images, labels, loss_weight, sync_last=True)
+    finite = not parts.skip_nonfinite or _finite(distributed.all_reduce_sum(total.clone()))
+    return _optimizer_step(parts, total, finite)
+
+
+def _agreed_step(parts: StepParts, images: torch.Tensor, labels: torch.Tensor, loss_weight: float | None,
+                 inject: bool = False) -> torch.Tensor | None:
+    """step() for DDP processes: each computes its micro-batches' gradients without synchronizing, then one
+    all-reduce tells every process whether any ran out of memory, so that all raise it together (and retry with
+    more micro-batches) instead of some waiting forever in a gradient all-reduce the failed one never enters.
+    The gradients are then averaged in one pass after the backward, not overlapped with it: that is the price of
+    the agreement point. `inject` raises the error in this process (OOM_ENV)."""
+    parts.optimizer.zero_grad(set_to_none=True)
+    failed = False
+    try:
+        if inject:
+            raise torch.OutOfMemoryError("injected by " + OOM_ENV)
+        total = _micro_batches(parts, images, labels, loss_weight, sync_last=False)
+    except torch.OutOfMemoryError:
+        parts.optimizer.zero_grad(set_to_none=True)
+        total, failed = torch.zeros((), device=parts.device), True
+    summed, failed_ranks = distributed.agree(total, failed)
+    if failed_ranks:
+        parts.optimizer.zero_grad(set_to_none=True)
+        raise torch.OutOfMemoryError(f"out of memory on process {', '.join(map(str, failed_ranks))}")
+    distributed.average_gradients(parts.model)
+    distributed.broadcast_buffers(parts.model)  # DDP would have done it before the next forward pass
+    return _optimizer_step(parts, total, _finite(summed))
+
+
+def _micro_batches(parts: StepParts, images: torch.Tensor, labels: torch.Tensor, loss_weight: float | None,
+                   sync_last: bool) -> torch.Tensor:
+    """Forward and backward passes over `parts.accumulate` micro-batches, each one's loss weighted by its share of
+    the batch so that the gradients add up to the whole batch's; returns the summed loss. DDP synchronizes the
+    gradients only in the last backward pass when `sync_last`, else in none."""
     chunks = [c for c in zip(images.tensor_split(parts.accumulate), labels.tensor_split(parts.accumulate)) if len(c[1])]
     no_sync = getattr(parts.step_model, "no_sync", None)
     total = torch.zeros((), device=parts.device)
     for i, (x, y) in enumerate(chunks):
         share = len(y) / len(labels) * (1.0 if loss_weight is None else loss_weight)
-        with no_sync() if no_sync is not None and i < len(chunks) - 1 else contextlib.nullcontext():
+        local = no_sync is not None and (i < len(chunks) - 1 or not sync_last)
+        with no_sync() if local else contextlib.nullcontext():
             with autocast(parts.device, parts.precision):
                 loss = parts.criterion(parts.step_model(x).float(), y, x) * share
             (parts.scaler.scale(loss) if parts.scaler is not None else loss).backward()
         total += loss.detach()
         del loss  # frees this micro-batch's graph before the next one's forward pass
-    if parts.skip_nonfinite and not (_finite(distributed.all_reduce_sum(total.clone()))
-                                     and (parts.scaler is not None or _grads_finite(parts.model))):
+    return total
+
+
+def _optimizer_step(parts: StepParts, total: torch.Tensor, finite: bool) -> torch.Tensor | None:
+    """The optimizer and schedule step after the gradients are in, or a skip (`skip_nonfinite`)."""
+    if parts.skip_nonfinite and not (finite and (parts.scaler is not None or _grads_finite(parts.model))):
         parts.optimizer.zero_grad(set_to_none=True)
         return _skipped(parts)
     if parts.scaler is not None:
@@ -418,6 +464,8 @@ def _recovering_step(run: Run, images: torch.Tensor, labels: torch.Tensor,
         try:
             if run.faults.get("step") == run.state.step + 1:
                 del run.faults["step"]
+                if run.parts.agree:
+                    return _agreed_step(run.parts, images, labels, weight, inject=True)
                 raise torch.OutOfMemoryError("injected by " + OOM_ENV)
             return step(run.parts, images, labels, weight)
         except torch.OutOfMemoryError as exc:
@@ -429,8 +477,8 @@ def _recover(run: Run, batch: int, exc: torch.OutOfMemoryError) -> None:
     parts.optimizer.zero_grad(set_to_none=True)  # what the failed step held
     if parts.device.type == "cuda":
         torch.cuda.empty_cache()
-    if run.world > 1:
-        # The other processes wait in this step's gradient all-reduce; they cannot be told to switch.
+    if run.world > 1 and not parts.agree:
+        # FSDP gathers and reduces inside the passes: the other processes wait there and cannot be told to switch.
         raise TrainingError(f"out of memory at step {step_number} on process {run.rank} ({exc}); re-run with "
                             f"--accumulate {2 * parts.accumulate}") from exc
     if parts.accumulate >= batch:
@@ -440,8 +488,10 @@ def _recover(run: Run, batch: int, exc: torch.OutOfMemoryError) -> None:
     run.state.accumulate = parts.accumulate
     micro = math.ceil(batch / parts.accumulate)
     run.recoveries.append({"step": step_number, "accumulate": parts.accumulate, "micro_batch": micro})
-    print(f"out of memory at step {step_number}: {parts.accumulate} micro-batches of {micro} per step from now on "
-          f"(the batch of {batch} and the schedule stay the same)", file=sys.stderr)
+    if run.rank == 0:
+        where = f"{exc}" if run.world > 1 else "out of memory"
+        print(f"{where} at step {step_number}: {parts.accumulate} micro-batches of {micro} per step from now on "
+              f"(the batch of {batch} and the schedule stay the same)", file=sys.stderr)
 
 
 def _recovering_evaluate(run: Run, subset: torch.Tensor | None = None) -> tuple[float, float]:
@@ -449,20 +499,20 @@ def _recovering_evaluate(run: Run, subset: torch.Tensor | None = None) -> tuple[
     run.evaluations += 1
     while True:
         try:
-            if run.faults.get("eval") == run.evaluations:
+            inject = run.faults.get("eval") == run.evaluations
+            if inject:
                 del run.faults["eval"]
-                raise torch.OutOfMemoryError("injected by " + OOM_ENV)
-            return _evaluate_run(run, subset)
+            return _evaluate_run(run, subset, inject)
         except torch.OutOfMemoryError as exc:
-            if run.world > 1 or run.eval_batch_size == 1:
+            if (run.world > 1 and not run.parts.agree) or run.eval_batch_size == 1:
                 raise TrainingError(f"out of memory evaluating in batches of {run.eval_batch_size} ({exc}); pass "
                                     f"a smaller --eval-batch-size or --memory-budget") from exc
             if run.parts.device.type == "cuda":
                 torch.cuda.empty_cache()
             run.eval_batch_size //= 2
             run.recoveries.append({"evaluation": run.evaluations, "eval_batch_size": run.eval_batch_size})
-            print(f"out of memory evaluating: evaluation batches of {run.eval_batch_size} from now on",
-                  file=sys.stderr)
+            if run.rank == 0:
+                print(f"{exc} evaluating: evaluation batches of {run.eval_batch_size} from now on", file=sys.stderr)
 
 
 def _skipped(parts: StepParts) -> None:
@@ -549,12 +599,26 @@ def _eval_subset(run: Run) -> torch.Tensor | None:
     return balanced_subset(run.test_labels.cpu(), n, run.config.seed).to(run.test_labels.device)
 
 
-def _evaluate_run(run: Run, subset: torch.Tensor | None) -> tuple[float, float]:
+def _evaluate_run(run: Run, subset: torch.Tensor | None, inject: bool = False) -> tuple[float, float]:
+    """evaluate(); DDP processes agree on an out-of-memory error so that all raise it (see _agreed_step), and
+    `inject` raises one in this process (OOM_ENV)."""
     images, labels = run.test_images, run.test_labels
     if subset is not None:
         images, labels = images[subset], labels[subset]
-    return evaluate(run.parts.model, images, labels, run.eval_batch_size, run.parts.device,
-                    run.config.eval_precision, run.rank, run.world)
+    failed = False
+    try:
+        if inject:
+            raise torch.OutOfMemoryError("injected by " + OOM_ENV)
+        totals = eval_totals(run.parts.model, images, labels, run.eval_batch_size, run.parts.device,
+                             run.config.eval_precision, run.rank, run.world)
+    except torch.OutOfMemoryError:
+        if not run.parts.agree:
+            raise
+        totals, failed = torch.zeros(3, device=run.parts.device, dtype=torch.float64), True
+    totals, failed_ranks = distributed.agree(totals, failed)
+    if failed_ranks:
+        raise torch.OutOfMemoryError(f"out of memory on process {', '.join(map(str, failed_ranks))}")
+    return _ratios(totals)
 
 
 def finish(run: Run) -> TrainResult:
@@ -625,23 +689,36 @@ def cross_entropy_loss(label_smoothing: float) -> LossFn:
 def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int, device: torch.device,
              precision: str = "32", rank: int = 0, world: int = 1) -> tuple[float, float]:
     """Accuracy (0-1) and mean cross-entropy over a whole evaluation set, summed across ranks."""
+    totals = eval_totals(model, images, labels, batch_size, device, precision, rank, world)
+    return _ratios(distributed.all_reduce_sum(totals))
+
+
+def _ratios(totals: torch.Tensor) -> tuple[float, float]:
+    correct, loss_total, n = totals.tolist()
+    return correct / max(1.0, n), loss_total / max(1.0, n)
+
+
+@torch.inference_mode()
+def eval_totals(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int, device: torch.device,
+                precision: str = "32", rank: int = 0, world: int = 1) -> torch.Tensor:
+    """This process's share of an evaluation: [correct predictions, summed cross-entropy, images]."""
     was_training = model.training
     model.eval()
     correct = torch.zeros((), device=device, dtype=torch.float64)
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     count = torch.zeros((), device=device, dtype=torch.float64)
-    for x, y in eval_batches(images, labels, batch_size, rank, world):
-        with autocast(device, precision):
-            logits = model(x.to(device, non_blocking=True)).float()
-        y = y.to(device, non_blocking=True)
-        # Row-major for argmax, which ran 5x slower along the rows of class-major logits (see cross_entropy).
-        correct += (logits.contiguous().argmax(1) == y).sum()
-        loss_sum += cross_entropy(logits, y, reduction="sum")
-        count += len(y)
-    totals = distributed.all_reduce_sum(torch.stack([correct, loss_sum, count]))
-    model.train(was_training)
-    correct_n, loss_total, n = totals.tolist()
-    return correct_n / max(1.0, n), loss_total / max(1.0, n)
+    try:
+        for x, y in eval_batches(images, labels, batch_size, rank, world):
+            with autocast(device, precision):
+                logits = model(x.to(device, non_blocking=True)).float()
+            y = y.to(device, non_blocking=True)
+            # Row-major for argmax, which ran 5x slower along the rows of class-major logits (see cross_entropy).
+            correct += (logits.contiguous().argmax(1) == y).sum()
+            loss_sum += cross_entropy(logits, y, reduction="sum")
+            count += len(y)
+    finally:
+        model.train(was_training)
+    return torch.stack([correct, loss_sum, count])
 
 
 def make_optimizer(config: cfg.TrainConfig, groups: list[dict], device: torch.device) -> torch.optim.Optimizer:
