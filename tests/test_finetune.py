@@ -18,6 +18,7 @@ from trainforge.errors import CheckpointError, ConfigError, ModelError
 from trainforge.finetune import finetune, sources, strategies
 from trainforge.models import Classifier, Preprocess, count_params, create_model, model_entry
 from trainforge.models.pretrained import EfficientNetLite0
+from trainforge.train.layout import choose_eval_precision
 
 from conftest import run_cli
 
@@ -246,7 +247,12 @@ def test_cli_finetune_then_eval_and_predict(mnist_cnn, fashion, tmp_path, capsys
     assert summary["run_dir"] == str(out)
     evaluated = run_cli("eval", str(out), "--json")
     assert evaluated.returncode == 0, evaluated.stderr
-    assert json.loads(evaluated.stdout.strip().splitlines()[-1])["test_acc"] == pytest.approx(summary["test_acc"])
+    evaluation = json.loads(evaluated.stdout.strip().splitlines()[-1])
+    assert evaluation["test_acc"] == pytest.approx(summary["test_acc"])
+    # LoRA caches no features, so it evaluates in the fastest precision; `eval` takes the one the run recorded.
+    recorded = cfg.load_file(cfg.TrainConfig, out / "config.yaml").eval_precision
+    assert recorded == choose_eval_precision("auto", summary["precision"], torch.device("cpu"))
+    assert evaluation["precision"] == recorded
     image = next((folder / "val").glob("*/*.png"))
     predicted = run_cli("predict", str(out), str(image), "--json")
     assert predicted.returncode == 0, predicted.stderr

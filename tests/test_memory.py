@@ -114,3 +114,29 @@ def test_train_resizes_a_builtin_set_to_image_size(tmp_path, mnist):
     model = runs.load(tmp_path / "small")
     assert json.loads((tmp_path / "small" / runs.MODEL_INFO).read_text())["image_size"] == 14
     assert model(mnist.test.images[:2]).shape == (2, 10)
+
+
+def test_cpu_evaluation_batches_fit_the_last_level_cache(monkeypatch, tmp_path):
+    """Unless --eval-batch-size is given, a CPU evaluates in batches whose activations fit its last-level cache
+    (up to 3x faster than batches of 2,000); memory still bounds it, and a GPU keeps the cap."""
+    from trainforge.hardware import cpuinfo
+    from trainforge.train import plan
+
+    for index, (level_type, size) in enumerate((("Data", "48K"), ("Instruction", "32K"), ("Unified", "2048K"),
+                                                ("Unified", "32M"))):
+        (tmp_path / f"index{index}").mkdir()
+        (tmp_path / f"index{index}" / "type").write_text(level_type + "\n")
+        (tmp_path / f"index{index}" / "size").write_text(size + "\n")
+    assert cpuinfo.last_level_cache_bytes.__wrapped__(str(tmp_path)) == 32 * 2 ** 20
+    assert cpuinfo.last_level_cache_bytes.__wrapped__(str(tmp_path / "absent")) is None
+
+    monkeypatch.setattr(plan, "last_level_cache_bytes", lambda: 32 * 2 ** 20)
+    cost = plan.SampleCost(train_fixed=0, train_per_sample=2 ** 20, eval_fixed=0, eval_per_sample=2 ** 20)
+    cpu, gpu, roomy = torch.device("cpu"), torch.device("cuda"), 2 ** 40
+    assert plan._eval_batch(cost, roomy, None, cpu) == (32, "cache")
+    assert plan._eval_batch(cost, roomy, 500, cpu) == (500, "cap")  # --eval-batch-size is the user's
+    assert plan._eval_batch(cost, roomy, None, gpu) == (plan.EVAL_CAP, "cap")
+    assert plan._eval_batch(cost, 12 * 2 ** 20, None, cpu) == (8, "memory")  # 12 MB / 1.5 MB per image
+    plan_line = plan.fit(cost, roomy, "test", 0, 0, 64, None, None, cpu).describe()
+    assert plan_line.endswith("evaluation batches of 32 (activations within the CPU's last-level cache, where "
+                              "evaluation ran fastest)")

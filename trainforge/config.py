@@ -95,8 +95,9 @@ class TrainConfig:
                                    choices=("auto", "32", "bf16", "fp16"))
     eval_precision: str | None = option(None, "precision of evaluation: auto (bf16 on CPUs with native bf16, where "
                                               "inference measured faster for every model, and on GPUs that support "
-                                              "it; else fp32), 32, bf16 or fp16 (default: the training precision); a "
-                                              "run records the one chosen", choices=("auto", "32", "bf16", "fp16"))
+                                              "it; else fp32), 32, bf16 or fp16 (default: the training precision; "
+                                              "auto for finetune, except a linear probe on cached features); a run "
+                                              "records the one chosen", choices=("auto", "32", "bf16", "fp16"))
     layout: str = option("auto", "memory layout of the model: auto (channels-last for convolutional models on CPUs "
                                  "and CUDA GPUs, where it measured faster), channels-last or contiguous; a run "
                                  "records the layout chosen", choices=("auto", "channels-last", "contiguous"))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -26,20 +27,28 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="the data set's test split, or the held-out part of a --holdout run (default: test)")
     parser.add_argument("--data-dir", help="root of the built-in data sets")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
-    parser.add_argument("--precision", default="auto", choices=("auto", "32", "bf16", "fp16"),
-                        help="numeric precision of evaluation (default: auto)")
-    parser.add_argument("--batch-size", type=int, default=2000, help="evaluation batch size (default: 2000)")
+    parser.add_argument("--precision", choices=("auto", "32", "bf16", "fp16"),
+                        help="numeric precision of evaluation (default: the one the run evaluated in, so that its "
+                             "reported accuracy is reproduced; auto where it did not record one)")
+    parser.add_argument("--batch-size", type=int,
+                        help="evaluation batch size (default: the memory plan's, which fits --memory-budget and, on "
+                             "a CPU, the last-level cache)")
+    parser.add_argument("--memory-budget", help="memory the evaluation may use, e.g. 4G (default: half of what is "
+                                                "available)")
 
 
 def evaluate_run(run_dir: str | Path, data: str | None = None, data_dir: str | None = None, device: str = "auto",
-                 precision: str = "auto", batch_size: int = 2000, split: str = "test") -> dict[str, Any]:
-    """Accuracy and loss of a run's model on `split` ("test" or "val"), with the run's training facts alongside."""
+                 precision: str | None = None, batch_size: int | None = None, split: str = "test",
+                 memory_budget: str | None = None, progress: bool = False) -> dict[str, Any]:
+    """Accuracy and loss of a run's model on `split` ("test" or "val"), with the run's training facts alongside.
+    `precision` None: the run's recorded evaluation precision; `batch_size` None: the memory plan's."""
     import torch
 
     from .train.device import resolve_device, resolve_precision, synchronize
     from .train.loop import evaluate
+    from .train.plan import PROBE_SIZES, eval_batch_size
 
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
     run_dir = Path(run_dir)
     model = runs.load(run_dir)
@@ -48,8 +57,12 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, data_dir: str | N
         raise DataError(f"{name} has {len(classes)} classes but the model of {run_dir} predicts "
                         f"{len(model.classes)}")
     dev = resolve_device(device)
-    prec = resolve_precision(precision, dev)
+    prec = resolve_precision(precision or _recorded_precision(run_dir) or "auto", dev)
     model.to(dev)
+    if batch_size is None:
+        batch_size, note = eval_batch_size(model, images.images[:PROBE_SIZES[-1]], dev, prec, memory_budget, None)
+        if progress:
+            print(note, file=sys.stderr)
     labels = images.labels
     # A model over several data sets' classes (`finetune --update`) lists each set's classes among its own.
     if set(classes) <= set(model.classes) and classes != model.classes[:len(classes)]:
@@ -62,8 +75,15 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, data_dir: str | N
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     return {"test_acc": acc, "test_loss": loss, "test_samples": len(labels), "split": split, "data": name,
             "eval_seconds": seconds, "samples_per_second": len(labels) / seconds if seconds > 0 else 0.0,
+            "batch_size": batch_size,
             "train_seconds": summary.get("train_seconds"), "epochs": summary.get("epochs"),
             "device": str(dev), "precision": prec, "world_size": 1, "run_dir": str(run_dir)}
+
+
+def _recorded_precision(run_dir: Path) -> str | None:
+    """The precision the run evaluated in, from its config (None for runs that did not record one)."""
+    path = run_dir / runs.CONFIG_FILE
+    return cfg.load_file(cfg.TrainConfig, path).eval_precision if path.is_file() else None
 
 
 def _split(run_dir: Path, data: str | None, data_dir: str | None, split: str) -> tuple[str, list[str], Any]:
@@ -87,7 +107,7 @@ def _split(run_dir: Path, data: str | None, data_dir: str | None, split: str) ->
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     result = evaluate_run(args.run_dir, args.data, args.data_dir, args.device, args.precision, args.batch_size,
-                          args.split)
+                          args.split, args.memory_budget, progress=not (args.json or args.quiet))
     if not (args.json or args.quiet):
         split = "validation" if args.split == "val" else "test"
         print(f"{result['data']} {split} accuracy {result['test_acc']:.4f}, loss {result['test_loss']:.4f} "

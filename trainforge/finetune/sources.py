@@ -89,7 +89,8 @@ def _from_file(path: Path, model: str | None, data: DataBundle) -> Source:
         state = {k[len("net."):]: v for k, v in state.items() if k.startswith("net.")}
     in_channels = entry.in_channels or data.in_channels
     image_size = entry.image_size or data.image_size
-    probe = create_model(model, num_classes=1, in_channels=in_channels, image_size=image_size)
+    with torch.device("meta"):  # only its head's name is needed: no memory, no weight initialization
+        probe = create_model(model, num_classes=1, in_channels=in_channels, image_size=image_size)
     head_key = head_name(probe) + ".weight"
     num_classes = state[head_key].shape[0] if head_key in state and state[head_key].dim() == 2 else 1
     net = create_model(model, num_classes=num_classes, in_channels=in_channels, image_size=image_size)

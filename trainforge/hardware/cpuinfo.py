@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import platform
+from pathlib import Path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,3 +35,19 @@ def read_cpuinfo(path: str = "/proc/cpuinfo") -> CpuInfo:
     except OSError:
         pass
     return CpuInfo(model or platform.processor() or platform.machine(), frozenset(flags), len(pairs) or None)
+
+
+
+@functools.lru_cache(maxsize=1)
+def last_level_cache_bytes(root: str = "/sys/devices/system/cpu/cpu0/cache") -> int | None:
+    """The size of the CPU's largest data cache, from sysfs (None where it does not say)."""
+    units = {"K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30}
+    sizes = []
+    for entry in sorted(Path(root).glob("index*")):
+        try:
+            kind, size = (entry / "type").read_text().strip(), (entry / "size").read_text().strip()
+        except OSError:
+            continue
+        if kind in ("Data", "Unified") and size[:-1].isdigit() and size[-1] in units:
+            sizes.append(int(size[:-1]) * units[size[-1]])
+    return max(sizes, default=None)

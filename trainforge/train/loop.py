@@ -298,7 +298,7 @@ def _plan(config: cfg.TrainConfig, bundle: DataBundle, model: nn.Module, device:
     """The memory plan and --batch-size auto (with the learning rate that follows it): `config` with the choices
     filled in, and a line on each."""
     probe_images, probe_labels = bundle.test.images[:plan.PROBE_SIZES[-1]], bundle.test.labels[:plan.PROBE_SIZES[-1]]
-    cost = plan.measure(model, probe_images, probe_labels, device, precision)
+    cost = plan.measure(model, probe_images, probe_labels, device, precision, eval_precision=config.eval_precision)
     state, in_use, notes = plan.state_bytes(model, config.optimizer, config.momentum), memory.in_use_bytes(device), []
     if config.batch_size == "auto":
         if world > 1:
@@ -315,7 +315,7 @@ def _plan(config: cfg.TrainConfig, bundle: DataBundle, model: nn.Module, device:
     if config.batch_size % world:
         raise ConfigError(f"--batch-size {config.batch_size} must be divisible by the number of processes ({world})")
     memory_plan = plan.fit(cost, budget[0], budget[1], in_use, state, math.ceil(config.batch_size / world),
-                           config.accumulate, config.eval_batch_size)
+                           config.accumulate, config.eval_batch_size, device)
     streamed = bundle.stream is not None
     notes.append(f"{memory_plan.describe()}; training images {'streamed from disk' if streamed else 'resident'}")
     config = dataclasses.replace(config, accumulate=memory_plan.accumulate, eval_batch_size=memory_plan.eval_batch_size,

@@ -23,6 +23,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from ..errors import ConfigError
+from ..hardware.cpuinfo import last_level_cache_bytes
 from ..hardware.memory import format_bytes
 from .device import autocast, synchronize
 
@@ -31,6 +32,9 @@ SAFETY = 1.5
 PROBE_SIZES = (2, 4)
 # Larger evaluation batches are no faster; the default --eval-batch-size.
 EVAL_CAP = 2000
+# On a CPU, evaluation ran fastest in batches whose activations fit the last-level cache, up to 3x faster than in
+# batches of 2,000 (benchmarks/RESULTS.md, "Evaluation batches on a CPU"); this size where sysfs does not say.
+CPU_CACHE_BYTES = 32 * 2 ** 20
 # --batch-size auto keeps at least this many optimizer steps per epoch.
 MIN_STEPS_PER_EPOCH = 8
 # --batch-size auto on the CPU: a doubling must raise samples/s by this factor to be worth it.
@@ -59,12 +63,14 @@ class MemoryPlan:
     micro_batch: int  # per process
     accumulate: int
     eval_batch_size: int
+    eval_bound: str = "cap"  # what set eval_batch_size: "cap", "memory" or "cache"
 
     def describe(self) -> str:
         return (f"memory plan: budget {format_bytes(self.budget)} ({self.budget_source}), "
                 f"{format_bytes(self.in_use)} in use; a sample costs {format_bytes(self.cost.train_per_sample)} to "
                 f"train, {format_bytes(self.cost.eval_per_sample)} to evaluate -> micro-batches of "
-                f"{self.micro_batch} x {self.accumulate} accumulated, evaluation batches of {self.eval_batch_size}")
+                f"{self.micro_batch} x {self.accumulate} accumulated, evaluation batches of {self.eval_batch_size}"
+                f"{BOUND_NOTES[self.eval_bound]}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -111,8 +117,9 @@ def _line(peaks: list[int]) -> tuple[int, int]:
 
 
 def measure(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, device: torch.device,
-            precision: str, train: bool = True) -> SampleCost:
-    """The cost of training (unless not `train`: 0) and evaluating `model` on batches like `images`."""
+            precision: str, train: bool = True, eval_precision: str | None = None) -> SampleCost:
+    """The cost of training (unless not `train`: 0) and evaluating (in `eval_precision`, default `precision`)
+    `model` on batches like `images`."""
     try:
         probe = copy.deepcopy(model)  # train-mode passes move batch-norm statistics and step-counting hooks
     except RuntimeError:  # a pruned model's weights are mask * original, non-leaf tensors that deepcopy refuses
@@ -132,7 +139,7 @@ def measure(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, device
             probe.zero_grad(set_to_none=True)
 
         def eval_pass(b: int) -> None:
-            with torch.inference_mode(), autocast(device, precision):
+            with torch.inference_mode(), autocast(device, eval_precision or precision):
                 probe(x[:b])
         train_peaks = [_peak(lambda b=b: train_pass(b)) if train else 0 for b in PROBE_SIZES]
         probe.eval()
@@ -166,17 +173,30 @@ def max_micro_batch(cost: SampleCost, budget: int, in_use: int, state: int) -> i
 
 
 def fit(cost: SampleCost, budget: int, budget_source: str, in_use: int, state: int, per_rank_batch: int,
-        accumulate: int | None, eval_cap: int | None) -> MemoryPlan:
+        accumulate: int | None, eval_cap: int | None, device: torch.device) -> MemoryPlan:
     """The plan for a batch of `per_rank_batch` per process: micro-batches as large as fit, at least `accumulate`
     of them, and evaluation batches of at most `eval_cap` that fit beside the training state."""
     largest = max_micro_batch(cost, budget, in_use, state)
     steps = min(per_rank_batch, max(accumulate or 1, math.ceil(per_rank_batch / largest)))
-    room = budget - in_use - state - cost.eval_fixed
-    eval_batch = max(1, min(eval_cap or EVAL_CAP, int(room // (cost.eval_per_sample * SAFETY))))
-    if eval_batch >= 16:
-        eval_batch -= eval_batch % 8
+    eval_batch, bound = _eval_batch(cost, budget - in_use - state, eval_cap, device)
     return MemoryPlan(budget=budget, budget_source=budget_source, in_use=in_use, state_bytes=state, cost=cost,
-                      micro_batch=math.ceil(per_rank_batch / steps), accumulate=steps, eval_batch_size=eval_batch)
+                      micro_batch=math.ceil(per_rank_batch / steps), accumulate=steps, eval_batch_size=eval_batch,
+                      eval_bound=bound)
+
+
+BOUND_NOTES = {"cap": "", "memory": " (what fits the budget)",
+               "cache": " (activations within the CPU's last-level cache, where evaluation ran fastest)"}
+
+
+def _eval_batch(cost: SampleCost, room: int, cap: int | None, device: torch.device) -> tuple[int, str]:
+    """The evaluation batch and what bounds it: `cap` (given, else EVAL_CAP), what fits `room`, and on a CPU
+    without a given cap the batch whose activations fit the last-level cache."""
+    bounds = {"cap": cap or EVAL_CAP, "memory": int((room - cost.eval_fixed) // (cost.eval_per_sample * SAFETY))}
+    if cap is None and device.type == "cpu":
+        bounds["cache"] = (last_level_cache_bytes() or CPU_CACHE_BYTES) // cost.eval_per_sample
+    bound = min(bounds, key=bounds.get)
+    size = max(1, bounds[bound])
+    return size - size % 8 if size >= 16 and bound != "cap" else size, bound
 
 
 def eval_batch_size(model: nn.Module, images: torch.Tensor, device: torch.device, precision: str,
@@ -187,10 +207,9 @@ def eval_batch_size(model: nn.Module, images: torch.Tensor, device: torch.device
 
     budget, source = memory.budget(memory_budget, device)
     cost = measure(model, images, images.new_zeros(len(images), dtype=torch.int64), device, precision, train=False)
-    room = budget - memory.in_use_bytes(device) - cost.eval_fixed
-    size = max(1, min(cap or EVAL_CAP, int(room // (cost.eval_per_sample * SAFETY))))
+    size, bound = _eval_batch(cost, budget - memory.in_use_bytes(device), cap, device)
     return size, (f"memory plan: budget {format_bytes(budget)} ({source}); an image costs "
-                  f"{format_bytes(cost.eval_per_sample)} to evaluate -> batches of {size}")
+                  f"{format_bytes(cost.eval_per_sample)} to evaluate -> batches of {size}{BOUND_NOTES[bound]}")
 
 
 def auto_batch_size(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, device: torch.device,
