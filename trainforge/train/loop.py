@@ -512,7 +512,8 @@ def _recovering_evaluate(run: Run, subset: torch.Tensor | None = None) -> tuple[
             run.eval_batch_size //= 2
             run.recoveries.append({"evaluation": run.evaluations, "eval_batch_size": run.eval_batch_size})
             if run.rank == 0:
-                print(f"{exc} evaluating: evaluation batches of {run.eval_batch_size} from now on", file=sys.stderr)
+                where = f"{exc}" if run.world > 1 else "out of memory"
+                print(f"{where} evaluating: evaluation batches of {run.eval_batch_size} from now on", file=sys.stderr)
 
 
 def _skipped(parts: StepParts) -> None:
