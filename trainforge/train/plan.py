@@ -79,6 +79,11 @@ class MemoryPlan:
 class _LiveBytes(TorchDispatchMode):
     """Counts the bytes of tensor storages created under it while they are alive, and their peak."""
 
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        # Never runs under torch.compile; torch would otherwise import its compiler (1.1 s) at the first operation.
+        return False
+
     def __init__(self) -> None:
         super().__init__()
         self.live = self.peak = 0
