@@ -779,6 +779,8 @@ def test_bad_eval_and_predict_options_are_one_line_errors(small_run, tmp_path, c
     image = tmp_path / "missing.png"
     for args, message in ((["eval", str(small_run), "--batch-size", "0"], "--batch-size must be >= 1, got 0"),
                           (["eval", str(small_run), "--device", "bogus"], "--device: expected auto, cpu, cuda"),
+                          (["eval", str(small_run), "--memory-budget", "12Q"],
+                           "--memory-budget '12Q': expected a positive size such as 4G"),
                           (["predict", str(small_run), str(image), "--top-k", "0"], "--top-k must be >= 1, got 0"),
                           (["predict", str(small_run), str(image), "--device", "bogus"], "--device: expected auto"),
                           (["predict", str(small_run), str(image)], f"{image}: no such image file")):
