@@ -6,6 +6,7 @@ import torch
 import trainforge
 from trainforge import config as cfg
 from trainforge.data import DataBundle, ImageSet, balanced_subset
+from trainforge.errors import ConfigError
 from trainforge.finetune import strategies
 from trainforge.models import Preprocess, create_model
 from trainforge.train import layout
@@ -35,6 +36,9 @@ def test_auto_choices_follow_the_measured_rules(monkeypatch):
     assert layout.choose_layout("auto", cnn, cpu) == "channels-last"
     assert layout.choose_layout("auto", linear, cpu) == "contiguous"
     assert layout.choose_layout("contiguous", cnn, cpu) == "contiguous"
+    assert layout.choose_layout("auto", cnn, cpu, sharded=True) == "contiguous"  # FSDP shards contiguous tensors
+    with pytest.raises(ConfigError, match="--layout channels-last: FSDP"):
+        layout.choose_layout("channels-last", cnn, cpu, sharded=True)
     monkeypatch.setattr(layout, "cpu_has_native_bf16", lambda: True)
     assert layout.choose_precision("auto", cnn, cpu) == "bf16"
     assert layout.choose_precision(None, cnn, cpu) == "bf16"

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import ConfigError
 from ..hardware.cpuinfo import read_cpuinfo
 from .device import resolve_precision
 
@@ -38,11 +39,15 @@ def cpu_has_native_bf16() -> bool:
     return any(flag in read_cpuinfo().flags for flag in NATIVE_BF16_FLAGS)
 
 
-def choose_layout(requested: str, model: nn.Module, device: torch.device) -> str:
-    """'channels-last' or 'contiguous': the requested one, or for 'auto' the one measured faster."""
+def choose_layout(requested: str, model: nn.Module, device: torch.device, sharded: bool = False) -> str:
+    """'channels-last' or 'contiguous': the requested one, or for 'auto' the one measured faster; contiguous for a
+    model FSDP shards (`sharded`), which takes only contiguous parameters."""
+    if sharded and requested == "channels-last" and is_convolutional(model):
+        raise ConfigError("--layout channels-last: FSDP (--parallel fsdp) shards only contiguous parameters; pass "
+                          "--layout contiguous (or auto), or --parallel ddp")
     if requested != "auto":
         return requested
-    fast_here = device.type in ("cpu", "cuda")
+    fast_here = device.type in ("cpu", "cuda") and not sharded
     return "channels-last" if fast_here and is_convolutional(model) else "contiguous"
 
 

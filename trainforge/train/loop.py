@@ -203,7 +203,7 @@ def setup(config: cfg.TrainConfig, data: DataBundle | None, hooks: Hooks, saved:
     configure_host_allocator()
     torch.manual_seed(config.seed)
     budget = memory.budget(config.memory_budget, device)
-    bundle, model, info, config = data_and_model(config, data, hooks, device, budget[0])
+    bundle, model, info, config = data_and_model(config, data, hooks, device, budget[0], world)
     precision = config.precision
     test_images, test_labels = bundle.test.images.to(device), bundle.test.labels.to(device)
     config, memory_plan, notes = _plan(config, bundle, model, device, precision, world, budget)
@@ -266,7 +266,8 @@ def _claim_run_dir(config: cfg.TrainConfig, info: runs.ModelInfo, rank: int,
 
 
 def data_and_model(config: cfg.TrainConfig, data: DataBundle | None, hooks: Hooks, device: torch.device,
-                   memory_budget: int | None = None) -> tuple[DataBundle, nn.Module, runs.ModelInfo, cfg.TrainConfig]:
+                   memory_budget: int | None = None,
+                   world: int = 1) -> tuple[DataBundle, nn.Module, runs.ModelInfo, cfg.TrainConfig]:
     """The run's data (resident when it fits RESIDENT_SHARE of `memory_budget`), the model on `device` in its
     layout, how to rebuild it, and `config` with the layout and precision chosen for this model and device
     (recorded in the run, so that a re-run takes the same).
@@ -288,7 +289,9 @@ def data_and_model(config: cfg.TrainConfig, data: DataBundle | None, hooks: Hook
         in_channels=bundle.in_channels, image_size=image_size, mean=list(bundle.mean), std=list(bundle.std),
         width=effective_width(config.model, config.width))
     precision = layout.choose_precision(config.precision, model, device)
-    chosen = dataclasses.replace(config, layout=layout.choose_layout(config.layout, model, device), precision=precision,
+    sharded = world > 1 and config.parallel == "fsdp"
+    chosen = dataclasses.replace(config, layout=layout.choose_layout(config.layout, model, device, sharded),
+                                 precision=precision,
                                  eval_precision=layout.choose_eval_precision(config.eval_precision, precision, device))
     return bundle, layout.apply_layout(model.to(device), chosen.layout), info, chosen
 
