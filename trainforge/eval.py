@@ -52,12 +52,12 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, data_dir: str | N
         raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
     run_dir = Path(run_dir)
     model = runs.load(run_dir)
-    name, classes, images = _split(run_dir, data, data_dir, split)
+    name, classes, images, saved = _split(run_dir, data, data_dir, split)
     if len(classes) > len(model.classes):
         raise DataError(f"{name} has {len(classes)} classes but the model of {run_dir} predicts "
                         f"{len(model.classes)}")
     dev = resolve_device(device)
-    prec = resolve_precision(precision or _recorded_precision(run_dir) or "auto", dev)
+    prec = resolve_precision(precision or saved.eval_precision or "auto", dev)
     model.to(dev)
     if batch_size is None:
         batch_size, note = eval_batch_size(model, images.images[:PROBE_SIZES[-1]], dev, prec, memory_budget, None)
@@ -80,14 +80,9 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, data_dir: str | N
             "device": str(dev), "precision": prec, "world_size": 1, "run_dir": str(run_dir)}
 
 
-def _recorded_precision(run_dir: Path) -> str | None:
-    """The precision the run evaluated in, from its config (None for runs that did not record one)."""
-    path = run_dir / runs.CONFIG_FILE
-    return cfg.load_file(cfg.TrainConfig, path).eval_precision if path.is_file() else None
-
-
-def _split(run_dir: Path, data: str | None, data_dir: str | None, split: str) -> tuple[str, list[str], Any]:
-    """(data set name, its classes, the ImageSet of `split`)."""
+def _split(run_dir: Path, data: str | None, data_dir: str | None,
+           split: str) -> tuple[str, list[str], Any, cfg.TrainConfig]:
+    """(data set name, its classes, the ImageSet of `split`, the run's config)."""
     from .data import load_data
 
     if data is None:
@@ -96,13 +91,13 @@ def _split(run_dir: Path, data: str | None, data_dir: str | None, split: str) ->
             raise ConfigError(f"--split val: {run_dir} was trained without --holdout, so it held no validation "
                               f"images out; evaluate it on --split test")
         images = run_data.val if split == "val" else run_data.test
-        return run_data.dataset.name, run_data.dataset.classes, images
+        return run_data.dataset.name, run_data.dataset.classes, images, run_data.config
     if split == "val":
         raise ConfigError("--split val is the held-out part of the run's own data; it does not combine with --data")
     saved = cfg.load_file(cfg.TrainConfig, run_dir / runs.CONFIG_FILE)
     bundle = load_data(data, data_dir or saved.data_dir, seed=saved.seed, image_size=saved.image_size,
                        val_fraction=saved.val_fraction)
-    return bundle.name, bundle.classes, bundle.test
+    return bundle.name, bundle.classes, bundle.test, saved
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

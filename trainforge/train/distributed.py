@@ -130,12 +130,8 @@ def agree(values: torch.Tensor, failed: bool) -> tuple[torch.Tensor, list[int]]:
 
 def average_gradients(model: nn.Module) -> None:
     """What DDP's backward pass does, after it: every gradient replaced by its mean over the processes."""
-    world = dist.get_world_size()
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    for flat, group in _flat_buckets(grads):
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)  # gloo has no AVG reduction
-        flat /= world
-        _unflatten(flat, group)
+    for flat, group in _flat_buckets([p.grad for p in model.parameters() if p.grad is not None]):
+        _unflatten(mean_over_ranks(flat), group)
 
 
 def broadcast_buffers(model: nn.Module) -> None:

@@ -418,7 +418,7 @@ def _agreed_step(parts: StepParts, images: torch.Tensor, labels: torch.Tensor, l
     summed, failed_ranks = distributed.agree(total, failed)
     if failed_ranks:
         parts.optimizer.zero_grad(set_to_none=True)
-        raise torch.OutOfMemoryError(f"out of memory on process {', '.join(map(str, failed_ranks))}")
+        raise _out_of_memory_on(failed_ranks)
     distributed.average_gradients(parts.model)
     distributed.broadcast_buffers(parts.model)  # DDP would have done it before the next forward pass
     return _optimizer_step(parts, total, _finite(summed))
@@ -492,9 +492,18 @@ def _recover(run: Run, batch: int, exc: torch.OutOfMemoryError) -> None:
     micro = math.ceil(batch / parts.accumulate)
     run.recoveries.append({"step": step_number, "accumulate": parts.accumulate, "micro_batch": micro})
     if run.rank == 0:
-        where = f"{exc}" if run.world > 1 else "out of memory"
-        print(f"{where} at step {step_number}: {parts.accumulate} micro-batches of {micro} per step from now on "
-              f"(the batch of {batch} and the schedule stay the same)", file=sys.stderr)
+        print(f"{_oom_said(run, exc)} at step {step_number}: {parts.accumulate} micro-batches of {micro} per step "
+              f"from now on (the batch of {batch} and the schedule stay the same)", file=sys.stderr)
+
+
+def _out_of_memory_on(ranks: list[int]) -> torch.OutOfMemoryError:
+    """The error every DDP process raises when `ranks` ran out of memory (see _agreed_step)."""
+    return torch.OutOfMemoryError(f"out of memory on process {', '.join(map(str, ranks))}")
+
+
+def _oom_said(run: Run, exc: torch.OutOfMemoryError) -> str:
+    """How a recovery line names the error: which processes, or plainly (not the allocator's whole message)."""
+    return str(exc) if run.world > 1 else "out of memory"
 
 
 def _recovering_evaluate(run: Run, subset: torch.Tensor | None = None) -> tuple[float, float]:
@@ -515,8 +524,8 @@ def _recovering_evaluate(run: Run, subset: torch.Tensor | None = None) -> tuple[
             run.eval_batch_size //= 2
             run.recoveries.append({"evaluation": run.evaluations, "eval_batch_size": run.eval_batch_size})
             if run.rank == 0:
-                where = f"{exc}" if run.world > 1 else "out of memory"
-                print(f"{where} evaluating: evaluation batches of {run.eval_batch_size} from now on", file=sys.stderr)
+                print(f"{_oom_said(run, exc)} evaluating: evaluation batches of {run.eval_batch_size} from now on",
+                      file=sys.stderr)
 
 
 def _skipped(parts: StepParts) -> None:
@@ -621,7 +630,7 @@ def _evaluate_run(run: Run, subset: torch.Tensor | None, inject: bool = False) -
         totals, failed = torch.zeros(3, device=run.parts.device, dtype=torch.float64), True
     totals, failed_ranks = distributed.agree(totals, failed)
     if failed_ranks:
-        raise torch.OutOfMemoryError(f"out of memory on process {', '.join(map(str, failed_ranks))}")
+        raise _out_of_memory_on(failed_ranks)
     return _ratios(totals)
 
 
