@@ -1,4 +1,6 @@
-"""Shared fixtures: the real data root (../shared/data beside the checkout) and one small trained run."""
+"""Shared fixtures: MNIST from the package and data sets made from it (tests/mnist_made.py), and small trained runs.
+
+No test reads ../shared or Fashion-MNIST: a fresh clone with an empty home must pass."""
 
 from __future__ import annotations
 
@@ -14,26 +16,47 @@ from types import ModuleType
 import httpx
 import pytest
 
+import mnist_made
+
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
 
-# Every test, and every subprocess a test starts, reads the real data sets from the shared root unless told otherwise.
-os.environ.setdefault("TRAINFORGE_DATA", str(SHARED_DATA))
-
-
-@pytest.fixture(scope="session")
-def data_root() -> Path:
-    root = Path(os.environ["TRAINFORGE_DATA"])
-    if not (root / "mnist").is_dir():
-        pytest.fail(f"real MNIST not found under {root}: set TRAINFORGE_DATA to the shared data root")
-    return root
+# Tests, and the subprocesses they start, find MNIST as a fresh install does (the copy inside the package, or a
+# verified one in the user cache), never through a data root the developer happens to have set.
+os.environ.pop("TRAINFORGE_DATA", None)
 
 
 @pytest.fixture(scope="session")
-def mnist(data_root):
+def mnist():
     from trainforge.data import load_data
 
-    return load_data("mnist", str(data_root))
+    return load_data("mnist")
+
+
+@pytest.fixture(scope="session")
+def mnist_small(mnist):
+    """2,000 training and 1,000 test images of MNIST, seeded and class-balanced."""
+    return mnist_made.subset(mnist, 2000, 1000)
+
+
+@pytest.fixture(scope="session")
+def mnist_5_5(mnist_small):
+    """Two tasks from MNIST for updates and forgetting: digits 0-4 (the old task) and 5-9 (the new one)."""
+    return (mnist_made.class_split(mnist_small, [0, 1, 2, 3, 4], "mnist-0-4"),
+            mnist_made.class_split(mnist_small, [5, 6, 7, 8, 9], "mnist-5-9"))
+
+
+@pytest.fixture(scope="session")
+def mnist_png_folder(tmp_path_factory, mnist):
+    """An image folder of real digits as PNG: train/ with 20 per class, val/ with 10 per class."""
+    return mnist_made.write_split_folder(tmp_path_factory.mktemp("folders") / "digits_png",
+                                         mnist_made.subset(mnist, 200, 100, seed=1))
+
+
+@pytest.fixture(scope="session")
+def mnist_jpeg_folder(tmp_path_factory, mnist):
+    """A photo-like folder: digits upscaled to 128 px RGB JPEGs, train/ with 10 per class, val/ with 5 per class."""
+    return mnist_made.write_split_folder(tmp_path_factory.mktemp("folders") / "digits_jpeg",
+                                         mnist_made.subset(mnist, 100, 50, seed=2), fmt="jpeg", size=128)
 
 
 @pytest.fixture(scope="session")
@@ -48,19 +71,14 @@ def trained_run(tmp_path_factory, mnist) -> Path:
 
 
 @pytest.fixture(scope="session")
-def small_cnn_run(tmp_path_factory, mnist) -> Path:
+def small_cnn_run(tmp_path_factory, mnist_small) -> Path:
     """A narrow cnn (width 8) trained two epochs on 2,000 MNIST images (evaluated on 1,000): a quick conv model well
     above chance (about 70%), for tests of export, serving and compression."""
     import trainforge
-    from trainforge.data import DataBundle, ImageSet, balanced_subset
 
-    idx = balanced_subset(mnist.train.labels, 2000, 0)
-    bundle = DataBundle("mnist", ImageSet(mnist.train.images[idx], mnist.train.labels[idx], mnist.classes),
-                        ImageSet(mnist.test.images[:1000], mnist.test.labels[:1000], mnist.classes),
-                        mnist.mean, mnist.std)
     out = tmp_path_factory.mktemp("runs") / "cnn8"
     trainforge.train({"model": "cnn", "width": 8, "epochs": 2, "batch_size": 32, "out": str(out),
-                      "tensorboard": False}, data=bundle, progress=False)
+                      "tensorboard": False}, data=mnist_small, progress=False)
     return out
 
 
