@@ -92,9 +92,29 @@ def test_an_error_raised_while_unwinding_from_ctrl_c_is_reported_as_the_interrup
         signal.signal(signal.SIGINT, previous)
 
 
-def test_argparse_rejects_bad_flag_values():
-    result = run_cli("train", "--epochs", "many")
-    assert result.returncode == 2 and "expected a number" in result.stderr
+def test_bad_command_lines_are_one_line_errors_with_status_2(capsys):
+    # argparse's own error() prints the usage block first; the CLI's parser (every verb's too) prints one line.
+    cases = [
+        (["train", "--epochs", "many"], "trainforge train: error: argument --epochs: expected a number, got 'many'"),
+        (["train", "--optimizer", "lion"], "trainforge train: error: argument --optimizer: invalid choice: 'lion'"),
+        (["eval"], "trainforge eval: error: the following arguments are required: RUN_DIR"),
+        (["serve", "runs/x", "--port", "eighty"], "trainforge serve: error: argument --port: invalid int value"),
+        (["export", "runs/x", "--out"], "trainforge export: error: argument --out: expected one argument"),
+        (["tune", "--trails", "3"], "trainforge tune: error: unrecognized arguments: --trails 3"),
+        (["hw", "--measure", "--bogus"], "trainforge hw: error: unrecognized arguments: --bogus"),
+        (["trian"], "trainforge: error: argument VERB: invalid choice: 'trian'"),
+        ([], "trainforge: error: the following arguments are required: VERB"),
+    ]
+    for args, message in cases:
+        with pytest.raises(SystemExit) as exited:
+            cli.main(args)
+        stderr = capsys.readouterr().err
+        assert exited.value.code == 2, (args, stderr)
+        assert stderr.startswith(message) and stderr.count("\n") == 1, (args, stderr)
+        assert "--help" in stderr and "usage:" not in stderr, (args, stderr)
+    result = run_cli("train", "--epochs", "many")  # the same in a process of its own, as a user sees it
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        "trainforge train: error: argument --epochs: expected a number, got 'many'; see trainforge train --help"]
 
 
 def test_predict_names_unreadable_images(trained_run, tmp_path):

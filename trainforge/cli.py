@@ -1,7 +1,9 @@
 """The `trainforge` command: a table of verbs, each the CLI face of one module's `configure` and `run`.
 
-A user mistake (a TrainforgeError) prints one line and exits with its `exit_status` (2, or 3 for a process of a
-multi-process job that lost contact with the others); `--debug` shows the traceback.
+A user mistake prints one line and exits with status 2: a bad command line (an unknown verb or flag, a flag's value
+of the wrong type or not among its choices, a missing value) without argparse's usage block, and a TrainforgeError
+with its `exit_status` (2, or 3 for a process of a multi-process job that lost contact with the others);
+`--debug` shows the traceback.
 With `--json` the last line of stdout is one JSON object (or list) that scripts can parse.
 """
 
@@ -37,13 +39,28 @@ VERBS: dict[str, tuple[str, str]] = {
 }
 
 
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose command-line mistakes are one line, like every other error of the CLI (argparse's
+    own prints the whole usage block first); the verbs' parsers are of this class too (add_subparsers uses the
+    class of the parser it belongs to)."""
+
+    def error(self, message: str) -> NoReturn:
+        usage_error(self.prog, message)
+
+
+def usage_error(prog: str, message: str) -> NoReturn:
+    """Prints `PROG: error: MESSAGE` and where the options are listed, on one line of stderr; exits with status 2."""
+    sys.stderr.write(f"{prog}: error: {message}; see {prog} --help\n")
+    sys.exit(2)
+
+
 def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
     """The full parser, with the options of `verb` (or of every verb when None) filled in.
 
     Only the verb being run has its module imported: importing all of them (torchvision, onnx, fastapi, optuna...)
     would add seconds to every command's start.
     """
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="trainforge", description="Train, fine-tune, compress and serve image classifiers, fast, on any device.")
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
@@ -69,7 +86,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     verb = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(verb if verb in VERBS else "")
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # named here, where the verb is known: argparse names only the top-level parser
+        usage_error(f"trainforge {args.verb}", f"unrecognized arguments: {' '.join(unknown)}")
     module = importlib.import_module(args.module)
     try:
         result = _run_noting_interrupts(module.run, args)
