@@ -97,6 +97,46 @@ def test_export_that_disagrees_is_an_error_and_leaves_no_file(small_cnn_run, tmp
     assert not out.exists()
 
 
+def test_export_that_fails_to_load_or_run_leaves_no_file(small_cnn_run, tmp_path, monkeypatch):
+    from trainforge import export
+    from trainforge.errors import DeployError
+
+    def unloadable(*args, **kwargs):  # as ONNX Runtime fails on a graph it cannot read
+        raise RuntimeError("[ONNXRuntimeError] : 10 : INVALID_GRAPH : injected")
+
+    def failing_run(session):
+        def predict(images):
+            raise RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : injected")
+        return predict
+
+    for name, target, fault, message in (
+            ("unloadable.onnx", ort, ("InferenceSession", unloadable), "ONNX Runtime cannot load the model"),
+            ("failing.onnx", export, ("onnx_predictor", failing_run), "loads but fails to run in onnxruntime")):
+        out = tmp_path / name
+        with monkeypatch.context() as patched:
+            patched.setattr(target, *fault)
+            with pytest.raises(DeployError, match=f"{message} .*injected.*; file removed"):
+                export.export_run(small_cnn_run, out, check_images=100)
+        assert not out.exists() and not list(tmp_path.iterdir()), name
+
+
+def test_export_of_a_model_with_nan_logits_fails_and_leaves_no_file(small_cnn_run, tmp_path, monkeypatch):
+    import trainforge
+    from trainforge import export
+    from trainforge.errors import DeployError
+
+    # NaN in one logit on both sides: the top-1 answers still agree, only the NaN difference can fail the check.
+    model = trainforge.load(small_cnn_run)
+    last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    with torch.no_grad():
+        last.bias[3] = float("nan")
+    monkeypatch.setattr(export.runs, "load", lambda run_dir: model)
+    out = tmp_path / "nan.onnx"
+    with pytest.raises(DeployError, match=r"difference\| nan \(logits that are not finite\).*agreement 100\.00%"):
+        export.export_run(small_cnn_run, out, check_images=100)
+    assert not out.exists()
+
+
 def test_export_errors_name_the_problem(small_cnn_run, tmp_path):
     from trainforge.errors import CheckpointError, ConfigError
     from trainforge.export import export_run

@@ -2,9 +2,10 @@
 
 The exported graph keeps the contract of `trainforge.load()`: raw uint8 images [N, C, H, W] in (normalization,
 resizing and channel adaptation inside the graph), logits out, with a dynamic batch axis. After writing, the file
-is loaded back (ONNX Runtime for ONNX) and compared with the PyTorch model on test images of the run's data set;
-an export whose logits differ by more than --atol or whose top-1 answers agree on fewer than --min-agreement of
-the images is an error, not a warning.
+is loaded back (ONNX Runtime for ONNX, torch.export.load for pt2) and compared with the PyTorch model on test images
+of the run's data set. A file that fails to load or to run there, or whose logits differ by more than --atol (a NaN
+difference included) or whose top-1 answers agree on fewer than --min-agreement of the images, is an error, not a
+warning, and the file is removed.
 
 Examples:
   trainforge export runs/x --format onnx --out model.onnx
@@ -57,7 +58,8 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, format: str =
                min_agreement: float = 0.999) -> dict[str, Any]:
     """Exports a run's model to `out` and checks it against the run's model on test images.
 
-    Raises DeployError (after removing `out`) when the export disagrees beyond `atol` / `min_agreement`.
+    Raises DeployError, after removing `out`, when the written file fails to load or to run in its runtime, or
+    disagrees beyond `atol` / `min_agreement` (a NaN difference counts as disagreeing).
     """
     if format not in FORMATS:
         raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
@@ -74,21 +76,40 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, format: str =
     result: dict[str, Any] = {"format": format, "out": str(out), "run_dir": str(run_dir)}
     if format == "onnx":
         result.update(export_onnx(model, out, example, opset, model.info))
-        candidate = onnx_predictor(onnx_session(out))
-        result["checked_with"] = "onnxruntime"
     else:
         result.update(export_program(model, out, example, model.info))
-        program = load_program(out)[0]
-        candidate = torch_predictor(program)
-        result["checked_with"] = "torch.export.load"
-    parity = check_parity(torch_predictor(model), candidate, images)
-    result.update(size_bytes=out.stat().st_size, parity=parity)
-    if parity["max_abs_diff"] > atol or parity["top1_agreement"] < min_agreement:
+    try:
+        result.update(_check_export(out, format, model, images, atol, min_agreement))
+    except BaseException as exc:  # an interrupted check leaves no unchecked file either
         out.unlink(missing_ok=True)
-        raise DeployError(f"{out}: the export disagrees with the run's model on {parity['images']} test images "
-                          f"(max |logit difference| {parity['max_abs_diff']:.3g}, allowed {atol:g}; top-1 "
-                          f"agreement {parity['top1_agreement']:.2%}, required {min_agreement:.2%}); file removed")
+        if isinstance(exc, DeployError):
+            raise DeployError(f"{exc}; file removed") from None
+        raise
+    result["size_bytes"] = out.stat().st_size
     return result
+
+
+def _check_export(out: Path, format: str, model: torch.nn.Module, images: np.ndarray, atol: float,
+                  min_agreement: float) -> dict[str, Any]:
+    """Loads the written file back in its runtime and compares it with the run's model; DeployError if it cannot."""
+    if format == "onnx":
+        checked_with, candidate = "onnxruntime", onnx_predictor(onnx_session(out))
+    else:
+        checked_with, candidate = "torch.export.load", torch_predictor(load_program(out)[0])
+    try:
+        parity = check_parity(torch_predictor(model), candidate, images)
+    except DeployError:
+        raise
+    except Exception as exc:  # each runtime fails a call with its own exception types
+        raise DeployError(f"{out}: the export loads but fails to run in {checked_with} "
+                          f"({str(exc).strip().splitlines()[0][:300] if str(exc) else exc!r})") from None
+    diff = parity["max_abs_diff"]
+    if not (diff <= atol and parity["top1_agreement"] >= min_agreement):  # written so that a NaN difference fails
+        why = " (logits that are not finite)" if np.isnan(diff) else ""
+        raise DeployError(f"{out}: the export disagrees with the run's model on {parity['images']} test images "
+                          f"(max |logit difference| {diff:.3g}{why}, allowed {atol:g}; top-1 agreement "
+                          f"{parity['top1_agreement']:.2%}, required {min_agreement:.2%})")
+    return {"checked_with": checked_with, "parity": parity}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

@@ -166,14 +166,15 @@ def torch_predictor(model: nn.Module) -> Callable[[np.ndarray], np.ndarray]:
 
 def check_parity(reference: Callable[[np.ndarray], np.ndarray], candidate: Callable[[np.ndarray], np.ndarray],
                  images: np.ndarray, batch_size: int = 250) -> dict[str, Any]:
-    """Compares two predictors on the same uint8 images: max |logit difference| and top-1 agreement (0-1)."""
+    """Compares two predictors on the same uint8 images: max |logit difference| (NaN where either side's logits
+    are not finite) and top-1 agreement (0-1)."""
     max_diff, agree = 0.0, 0
     for start in range(0, len(images), batch_size):
         batch = np.ascontiguousarray(images[start:start + batch_size])
         want, got = reference(batch), candidate(batch)
         if want.shape != got.shape:
             raise DeployError(f"the exported model returns logits of shape {got.shape}, expected {want.shape}")
-        max_diff = max(max_diff, float(np.abs(want - got).max()))
+        max_diff = float(np.maximum(max_diff, np.abs(want - got).max()))  # np.maximum keeps a NaN; max() drops it
         agree += int((want.argmax(1) == got.argmax(1)).sum())
     return {"images": len(images), "max_abs_diff": max_diff, "top1_agreement": agree / max(1, len(images))}
 
