@@ -391,6 +391,39 @@ def test_an_unwritable_run_directory_is_a_clear_error(tmp_path, monkeypatch, cap
     assert_one_line_error(status, err.split("\n", 1)[1], "config.yaml: cannot write (Read-only file system)")
 
 
+def test_files_are_written_only_through_atomic_writes():
+    """Every file trainforge/ writes by path goes through `runs.atomic_open` (or its users), so no crash leaves half
+    a file; the README's exceptions (TensorBoard's event files, the `.lock`) are all there are. A scan of the code:
+    a file opened for writing, `Path.write_bytes`/`write_text`, `os.open` for writing, `onnx.save` or `np.save`
+    anywhere else in the package fails it."""
+    import ast
+
+    # Functions that write through a temporary file and os.replace themselves, and the lock, rewritten in place.
+    allowed = {("runs.py", "atomic_open"), ("data/sources.py", "_fetch"), ("runs.py", "acquire_lock")}
+    package, found = REPO / "trainforge", []
+    for path in sorted(package.rglob("*.py")):
+        name = path.relative_to(package).as_posix()
+        for function in ast.walk(ast.parse(path.read_text())):
+            if isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)) and (name, function.name) not in allowed:
+                found += [f"{name}:{call.lineno} {function.name}: {ast.unparse(call)[:80]}"
+                          for call in ast.walk(function) if isinstance(call, ast.Call) and _writes_a_file(call)]
+    assert not found, "write these through runs.atomic_open:\n" + "\n".join(found)
+
+
+def _writes_a_file(call) -> bool:
+    import ast
+
+    what = ast.unparse(call.func)
+    mode = ast.unparse(call.args[1]) if len(call.args) > 1 else next(
+        (ast.unparse(k.value) for k in call.keywords if k.arg == "mode"), "")
+    if what in ("open", "io.open", "os.fdopen"):
+        return any(c in mode for c in "wax+")
+    if what == "os.open":
+        return any(flag in mode for flag in ("O_WRONLY", "O_RDWR", "O_CREAT"))
+    return (what.endswith((".write_bytes", ".write_text")) and what != "runs.write_text"
+            or what in ("onnx.save", "onnx.save_model", "np.save", "numpy.save"))
+
+
 # ---- numerical faults ----------------------------------------------------------------------------------------------
 
 class PoisonGradients:

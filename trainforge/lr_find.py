@@ -69,7 +69,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result = find_lr(config, args.steps, args.start_lr, args.end_lr)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(lr_range.plot(result))
+    with runs.atomic_open(out) as handle:
+        handle.write(lr_range.plot(result))
     runs.write_json(out.with_suffix(".json"), result.to_dict())
     if not (args.json or args.quiet):
         print(f"suggested learning rate {result.suggestion:.3g}: {result.reason}; plot in {out}")

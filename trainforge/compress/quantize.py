@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import runs
 from ..errors import DeployError
 
 
@@ -34,13 +35,14 @@ def quantize_onnx_static(fp32_path: Path, out_path: Path, calibration: np.ndarra
         prepared = Path(tmp) / "prepared.onnx"
         # Shape inference and graph folding first, as ONNX Runtime recommends, so that every conv gets quantized.
         quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
-        quantize_static(str(prepared), str(out_path), Reader(name), quant_format=QuantFormat.QDQ,
+        quantized = Path(tmp) / "quantized.onnx"
+        quantize_static(str(prepared), str(quantized), Reader(name), quant_format=QuantFormat.QDQ,
                         per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         # fp32 biases cost the same arithmetic in ONNX Runtime's fused QLinearConv path and keep
                         # three per-channel tensors per layer (int32 bias, scale, zero point) out of the file.
                         extra_options={"ActivationSymmetric": False, "WeightSymmetric": True,
                                        "QuantizeBias": False})
-    _strip(out_path)
+        _write_stripped(quantized, out_path)
 
 
 def quantize_onnx_dynamic(fp32_path: Path, out_path: Path) -> None:
@@ -51,18 +53,22 @@ def quantize_onnx_dynamic(fp32_path: Path, out_path: Path) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
-        quantize_dynamic(str(prepared), str(out_path), weight_type=QuantType.QInt8)
-    _strip(out_path)
+        quantized = Path(tmp) / "quantized.onnx"
+        quantize_dynamic(str(prepared), str(quantized), weight_type=QuantType.QInt8)
+        _write_stripped(quantized, out_path)
 
 
-def _strip(path: Path) -> None:
+def _write_stripped(source: Path, out_path: Path) -> None:
+    """`source` without what deployment ignores, written to `out_path` atomically (the quantizers write their
+    output non-atomically, so into a temporary folder)."""
     import onnx
 
     from ..deploy.formats import strip_for_deployment
 
-    proto = onnx.load(str(path))
+    proto = onnx.load(str(source))
     strip_for_deployment(proto)
-    onnx.save(proto, str(path))
+    with runs.atomic_open(out_path) as handle:
+        handle.write(proto.SerializeToString())
 
 
 class ReducedPrecision(nn.Module):
