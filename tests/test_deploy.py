@@ -151,22 +151,36 @@ def test_export_errors_name_the_problem(small_cnn_run, tmp_path):
         export_run(small_cnn_run, tmp_path / "m.tflite", format="tflite")
 
 
-def test_serve_backend_choices(small_cnn_run, onnx_file):
+def test_serve_backend_choices(small_cnn_run, onnx_file, monkeypatch):
+    """--backend auto: a run directory is timed on both runtimes and served on the faster (the choice on given
+    timings: the test below); an ONNX file runs on ONNX Runtime, untimed, since it holds no PyTorch model."""
+    from trainforge import serve
     from trainforge.errors import DeployError
-    from trainforge.serve import load_predictor
 
-    torch_pred = load_predictor(small_cnn_run, "torch")
-    onnx_pred = load_predictor(onnx_file, "auto")
-    assert (torch_pred.backend, onnx_pred.backend) == ("torch", "onnxruntime")
-    # From a run directory, auto exports to ONNX in memory and times both runtimes (the choice: test below).
-    auto_pred = load_predictor(small_cnn_run, "auto", probe_batch=8)
+    timings = []
+
+    def choosing(name):
+        def fastest_backend(seconds):
+            timings.append(seconds)
+            return name
+        return fastest_backend
+
+    monkeypatch.setattr(serve, "fastest_backend", choosing("torch"))
+    onnx_pred = serve.load_predictor(onnx_file, "auto")
+    assert onnx_pred.backend == "onnxruntime" and timings == []
+    assert serve.load_predictor(small_cnn_run, "torch").backend == "torch" and timings == []
     images = np.random.default_rng(0).integers(0, 256, (4, 1, 28, 28), dtype=np.uint8)
-    np.testing.assert_allclose(torch_pred.predict(images), onnx_pred.predict(images), atol=1e-4, rtol=0)
-    np.testing.assert_allclose(auto_pred.predict(images), onnx_pred.predict(images), atol=1e-4, rtol=0)
+    for name in ("torch", "onnxruntime"):
+        monkeypatch.setattr(serve, "fastest_backend", choosing(name))
+        auto_pred = serve.load_predictor(small_cnn_run, "auto", probe_batch=8)
+        assert auto_pred.backend == name
+        np.testing.assert_allclose(auto_pred.predict(images), onnx_pred.predict(images), atol=1e-4, rtol=0)
+    assert [sorted(t) for t in timings] == [["onnxruntime", "torch"]] * 2
+    assert all(s > 0 for t in timings for s in t.values())
     with pytest.raises(DeployError, match="onnxruntime"):
-        load_predictor(onnx_file, "torch")
+        serve.load_predictor(onnx_file, "torch")
     with pytest.raises(DeployError, match="expected a run directory"):
-        load_predictor(onnx_file.with_suffix(".txt"), "auto")
+        serve.load_predictor(onnx_file.with_suffix(".txt"), "auto")
 
 
 def test_auto_backend_keeps_the_fastest_on_given_timings():

@@ -24,9 +24,10 @@ before any pixel is decoded when together they exceed --max-pixels. Other format
 go to the server log on stderr). The server keeps serving; Ctrl-C / SIGTERM stops accepting connections and
 finishes the requests in flight before exiting.
 
---backend auto (the default) serves a run directory with the faster of ONNX Runtime and PyTorch, timed on a full
-batch at start-up (on CPUs ONNX Runtime usually wins by several times for the small models here); an .onnx file
-runs on ONNX Runtime.
+--backend auto (the default) serves a run directory with the faster of ONNX Runtime and PyTorch: the model is
+exported to ONNX in memory and both are timed on a full batch (--max-batch images) at start-up (on CPUs ONNX Runtime
+usually wins by several times for the small models here). An .onnx file runs on ONNX Runtime, untimed: it holds no
+PyTorch model. The line printed at start and /health name the backend in use.
 
 Examples:
   trainforge serve runs/x                                   # http://127.0.0.1:8000
@@ -66,7 +67,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-wait-ms", type=float, default=5.0,
                         help="longest wait for a batch to fill, in milliseconds (default: 5)")
     parser.add_argument("--backend", default="auto", choices=BACKENDS,
-                        help="runtime of the model; auto times both and takes the faster (default: auto)")
+                        help="runtime of the model; auto: for a run directory, the faster of the two, timed on a "
+                             "full batch at start-up; for an .onnx file, onnxruntime (default: auto)")
     parser.add_argument("--threads", type=int, default=None,
                         help="intra-op threads of the runtime (default: the runtime's own choice)")
     parser.add_argument("--max-body-bytes", type=int, default=8 << 20,
