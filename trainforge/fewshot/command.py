@@ -54,8 +54,9 @@ class FewshotConfig:
                                       "(with --model) or a run directory; with --add, the few-shot run to extend")
     data: str = option("mnist", "built-in data set (mnist, fashion-mnist) or a folder of images, one sub-folder per "
                                 "class: the shots come from its training split, the measurements from its test split")
-    data_dir: str | None = option(None, "root of the built-in data sets (default: $TRAINFORGE_DATA, else "
-                                        "~/.cache/trainforge)")
+    data_dir: str | None = option(None, "root of the built-in data sets (default: $TRAINFORGE_DATA, else the first "
+                                        "complete copy in ~/.cache/trainforge, /usr/share/datasets or the "
+                                        "package's own MNIST)")
     model: str | None = option(None, "registered architecture of a weights file given to --from")
     shots: list[float] = option([5.0], "labelled images per class (K); several values with --episodes measure "
                                        "each, and the classifier is made from the largest", positive=True)
