@@ -26,8 +26,9 @@ finishes the requests in flight before exiting.
 
 --backend auto (the default) serves a run directory with the faster of ONNX Runtime and PyTorch: the model is
 exported to ONNX in memory and both are timed on a full batch (--max-batch images) at start-up (on CPUs ONNX Runtime
-usually wins by several times for the small models here). An .onnx file runs on ONNX Runtime, untimed: it holds no
-PyTorch model. The line printed at start and /health name the backend in use.
+usually wins by several times for the small models here); a model that does not export to ONNX is an error naming
+why, and --backend torch serves it without. An .onnx file runs on ONNX Runtime, untimed: it holds no PyTorch model.
+The line printed at start and /health name the backend in use.
 
 Examples:
   trainforge serve runs/x                                   # http://127.0.0.1:8000
