@@ -219,7 +219,7 @@ def test_a_missing_database_driver_is_one_line_saying_what_to_install(monkeypatc
     monkeypatch.setitem(sys.modules, "psycopg", None)  # as if not installed: importing it raises ImportError
     monkeypatch.setitem(sys.modules, "psycopg2", None)
     with pytest.raises(ConfigError, match=r"^--storage postgresql://u:\*\*\*@db-host/optuna: no PostgreSQL driver is "
-                                          r"installed \(pip install 'trainforge\[postgres\]'\)$"):
+                                          r"installed \(pip install 'psycopg\[binary\]'\)$"):
         open_storage("postgresql://u:secret@db-host/optuna")
     with pytest.raises(ConfigError, match=r"^--storage postgresql\+psycopg2://u:\*\*\*@db-host/optuna: its driver "
                                           r"psycopg2 is not installed \(pip install psycopg2-binary\)$"):

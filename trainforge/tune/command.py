@@ -2,16 +2,17 @@
 
 Searched: learning rate (log scale, 10x either side of the recipe's), weight decay, batch size, epochs (1 to
 --max-epochs), width of models that take one (mlp, cnn) and augmentation. A training flag you pass (e.g. --lr 0.1
-or --epochs 2) fixes that value instead. The first trial is the recipe's own values, but for a weight decay below
-1e-6 (0 included), which is 1e-6, and fractional epochs, which round up (within --max-epochs). Each trial trains on all but a seeded, stratified --val-fraction of the
-training images and is scored on that held-out part; the test set is never used. A median pruner stops trials
-whose validation accuracy after an epoch is below the median of earlier trials at that epoch.
+or --epochs 2) fixes that value instead. The first trial is the recipe's own values, except that a weight decay
+below 1e-6 (0 included) is 1e-6 and fractional epochs round up (within --max-epochs). Each trial trains on all but
+a seeded, stratified --val-fraction of the training images and is scored on that held-out part; the test set is
+never used. A median pruner stops trials whose validation accuracy after an epoch is below the median of earlier
+trials at that epoch.
 
 The study is stored in SQLite (<out>/study.db) by default: run the same command again to resume an interrupted
 study (finished trials are kept; --trials is the total), and --workers K runs K processes on it. Any SQLAlchemy
-URL works with --storage, so workers on several machines can share one PostgreSQL database (pip install
-'trainforge[postgres]'). A trial whose worker died (killed, machine lost) is failed once its heartbeat has been
-silent for 2 x --heartbeat seconds, and run again by the next worker that starts a trial.
+URL works with --storage, so workers on several machines can share one PostgreSQL database (its driver: pip install
+-e '.[postgres]'). A trial whose worker died (killed, machine lost) is failed once its heartbeat has been silent
+for 2 x --heartbeat seconds, and run again by the next worker that starts a trial.
 
 The best trial's full config is written to <out>/<study>-best.yaml; `trainforge train --config` on it re-trains
 to the same validation accuracy (add --no-holdout to train on all training images and test on the test set).

@@ -28,9 +28,9 @@ MAX_PAUSE_SECONDS = 2.0
 # SQLAlchemy's default driver for a bare postgresql:// differs by version (psycopg2 in 2.0, psycopg 3 in 2.1), so
 # the URL is given whichever of them is installed, the extra's psycopg 3 first.
 POSTGRES_DRIVERS = ("psycopg", "psycopg2")
-POSTGRES_INSTALL = "pip install 'trainforge[postgres]'"
-# What to install for a driver module SQLAlchemy could not import.
-DRIVER_PACKAGES = {"psycopg": "'trainforge[postgres]'", "psycopg2": "psycopg2-binary", "MySQLdb": "mysqlclient",
+# What to install for it, or for a driver module SQLAlchemy could not import (the extra `postgres` brings psycopg).
+POSTGRES_INSTALL = "pip install 'psycopg[binary]'"
+DRIVER_PACKAGES = {"psycopg": "'psycopg[binary]'", "psycopg2": "psycopg2-binary", "MySQLdb": "mysqlclient",
                    "pymysql": "PyMySQL"}
 
 

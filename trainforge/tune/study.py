@@ -136,7 +136,8 @@ def search_space(fixed: dict[str, Any], max_epochs: int | None = None) -> Search
         widths = tuple(sorted({max(1, round(width_param.default * f)) for f in WIDTH_FACTORS}))
     augments = cfg.TrainConfig.__dataclass_fields__["augment"].metadata["choices"]
     return SearchSpace(base=base, tuned=tuple(tuned), lr_range=(base.lr / LR_SPAN, base.lr * LR_SPAN),
-                       batch_sizes=tuple(sorted({*BATCH_SIZES, base.batch_size})), max_epochs=max_epochs or max(1, math.ceil(base.epochs)), widths=widths,
+                       batch_sizes=tuple(sorted({*BATCH_SIZES, base.batch_size})),
+                       max_epochs=max_epochs or max(1, math.ceil(base.epochs)), widths=widths,
                        default_width=width_param.default if widths else None, augments=tuple(augments))
 
 
