@@ -200,6 +200,7 @@ def test_bad_tune_options_are_refused_before_any_work(tmp_path):
 
     for settings, message in ((TuneSettings(fixed={}, trials=0, out=str(tmp_path)), "--trials must be >= 1"),
                               (TuneSettings(fixed={}, trials=2, workers=0, out=str(tmp_path)), "--workers must be"),
+                              (TuneSettings(fixed={}, trials=2, heartbeat=0, out=str(tmp_path)), "--heartbeat must be"),
                               (TuneSettings(fixed={"model": "nope"}, trials=2, out=str(tmp_path)), "unknown model")):
         with pytest.raises(trainforge.TrainforgeError, match=message):
             run_study(settings, progress=False)
