@@ -52,10 +52,23 @@ def test_search_space_follows_the_model_and_the_fixed_flags():
     assert "lr" not in mlp.tuned and "epochs" not in mlp.tuned and "width" in mlp.tuned
     assert mlp.base.lr == 0.01 and mlp.max_epochs == 3
     # The first trial of a study is the recipe itself (epochs and lr are fixed here, so not among the values).
-    assert mlp.defaults() == {"weight_decay": mlp.base.weight_decay, "batch_size": mlp.base.batch_size,
-                              "width": 256, "augment": mlp.base.augment}
+    assert mlp.defaults() == {"weight_decay": 1e-4, "batch_size": 128, "width": 256, "augment": "none"}
     with pytest.raises(ConfigError, match="holdout"):
         search_space({"model": "linear", "holdout": False})
+
+
+def test_the_first_trial_is_the_recipe_with_what_the_readme_says_of_weight_decay_and_epochs():
+    from trainforge.tune import search_space
+
+    # mnist's reference recipe: lr 0.4, batch 2048 (off the searched grid, added to it), no weight decay, 10 epochs.
+    reference = search_space({"model": "linear"})
+    assert reference.defaults() == {"lr": 0.4, "weight_decay": 1e-6, "batch_size": 2048, "epochs": 10,
+                                    "augment": "none"}
+    assert reference.batch_sizes == (64, 128, 256, 512, 2048)
+    # The cnn recipe's 1.5 epochs round up to 2, and --max-epochs caps them.
+    assert search_space({"model": "cnn"}).defaults() == {"lr": 4e-3, "weight_decay": 5e-4, "batch_size": 128,
+                                                         "epochs": 2, "width": 32, "augment": "none"}
+    assert search_space({"model": "cnn"}, max_epochs=1).defaults()["epochs"] == 1
 
 
 def test_resuming_a_study_with_other_options_is_refused(tmp_path):
@@ -68,6 +81,43 @@ def test_resuming_a_study_with_other_options_is_refused(tmp_path):
     other = TuneSettings(fixed={"model": "linear", "subset": 3000, "seed": 0}, trials=2, out=str(tmp_path))
     with pytest.raises(ConfigError, match="subset: 2000 in the study, 3000 now"):
         open_study(other, search_space(other.fixed))
+
+
+def test_a_study_of_the_same_name_that_minimizes_is_refused_and_kept(tmp_path):
+    import optuna
+
+    from trainforge.errors import ConfigError
+    from trainforge.tune import TuneSettings, search_space
+    from trainforge.tune.study import open_study
+
+    settings = TuneSettings(fixed={"model": "linear", "subset": 2000}, trials=2, out=str(tmp_path), study="mine")
+    other = optuna.create_study(study_name="mine", storage=settings.storage_url(), direction="minimize")
+    other.add_trial(optuna.trial.create_trial(value=0.5))
+    with pytest.raises(ConfigError, match=r"study 'mine' in sqlite:///\S+ minimizes its objective, tune maximizes"):
+        open_study(settings, search_space(settings.fixed))
+    assert [t.value for t in optuna.load_study(study_name="mine", storage=settings.storage_url()).trials] == [0.5]
+
+
+# The dead worker's trial is made by hand with ask(), which warns that heartbeats are meant for optimize().
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
+def test_a_trial_whose_worker_stopped_beating_is_failed_and_run_again_in_sqlite(tmp_path):
+    import optuna
+    from optuna.trial import TrialState
+
+    from trainforge.tune.storage import open_storage
+
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.create_study(study_name="s", storage=open_storage(url, heartbeat=1), direction="maximize")
+    dead = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    # The last heartbeat of a worker that then died (killed, machine lost): its trial stays running.
+    study._storage.record_heartbeat(dead._trial_id)
+    time.sleep(2 * 1 + 1)  # now older than twice the heartbeat
+    # Another worker starts a trial: it fails the dead one and runs its parameters first.
+    other = optuna.load_study(study_name="s", storage=open_storage(url, heartbeat=1))
+    other.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=1)
+    trials = other.trials
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
+    assert trials[1].system_attrs["failed_trial"] == dead.number and trials[1].params == dead.params
 
 
 def test_trials_left_running_by_this_process_are_failed_and_other_workers_trials_kept(tmp_path):
@@ -150,12 +200,28 @@ def test_bad_tune_options_are_refused_before_any_work(tmp_path):
 
     for settings, message in ((TuneSettings(fixed={}, trials=0, out=str(tmp_path)), "--trials must be >= 1"),
                               (TuneSettings(fixed={}, trials=2, workers=0, out=str(tmp_path)), "--workers must be"),
+                              (TuneSettings(fixed={}, trials=2, heartbeat=0, out=str(tmp_path)), "--heartbeat must be"),
                               (TuneSettings(fixed={"model": "nope"}, trials=2, out=str(tmp_path)), "unknown model")):
         with pytest.raises(trainforge.TrainforgeError, match=message):
             run_study(settings, progress=False)
     with pytest.raises(ConfigError, match="--storage"):
         run_study(TuneSettings(fixed={}, trials=1, storage="nosuchdb://x"), progress=False)
-    with pytest.raises(ConfigError, match=r"--storage postgresql://u:\*\*\*@127.0.0.1:1/x: cannot open") as error:
+    with pytest.raises(ConfigError, match=r"--storage postgresql://u:\*\*\*@127.0.0.1:1/x: cannot connect \(.*"
+                                          r"Connection refused") as error:
         run_study(TuneSettings(fixed={}, trials=1, storage="postgresql://u:secret@127.0.0.1:1/x"), progress=False)
     assert "secret" not in str(error.value)
     assert not (tmp_path / "study.db").exists()
+
+
+def test_a_missing_database_driver_is_one_line_saying_what_to_install(monkeypatch):
+    from trainforge.errors import ConfigError
+    from trainforge.tune.storage import open_storage
+
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # as if not installed: importing it raises ImportError
+    monkeypatch.setitem(sys.modules, "psycopg2", None)
+    with pytest.raises(ConfigError, match=r"^--storage postgresql://u:\*\*\*@db-host/optuna: no PostgreSQL driver is "
+                                          r"installed \(pip install 'psycopg\[binary\]'\)$"):
+        open_storage("postgresql://u:secret@db-host/optuna")
+    with pytest.raises(ConfigError, match=r"^--storage postgresql\+psycopg2://u:\*\*\*@db-host/optuna: its driver "
+                                          r"psycopg2 is not installed \(pip install psycopg2-binary\)$"):
+        open_storage("postgresql+psycopg2://u:secret@db-host/optuna")

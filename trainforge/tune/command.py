@@ -2,14 +2,17 @@
 
 Searched: learning rate (log scale, 10x either side of the recipe's), weight decay, batch size, epochs (1 to
 --max-epochs), width of models that take one (mlp, cnn) and augmentation. A training flag you pass (e.g. --lr 0.1
-or --epochs 2) fixes that value instead. The first trial is the recipe's own values, so the study never ends
-worse than no tuning. Each trial trains on all but a seeded, stratified --val-fraction of the
-training images and is scored on that held-out part; the test set is never used. A median pruner stops trials
-whose validation accuracy after an epoch is below the median of earlier trials at that epoch.
+or --epochs 2) fixes that value instead. The first trial is the recipe's own values, except that a weight decay
+below 1e-6 (0 included) is 1e-6 and fractional epochs round up (within --max-epochs). Each trial trains on all but
+a seeded, stratified --val-fraction of the training images and is scored on that held-out part; the test set is
+never used. A median pruner stops trials whose validation accuracy after an epoch is below the median of earlier
+trials at that epoch.
 
 The study is stored in SQLite (<out>/study.db) by default: run the same command again to resume an interrupted
 study (finished trials are kept; --trials is the total), and --workers K runs K processes on it. Any SQLAlchemy
-URL works with --storage, so workers on several machines can share one PostgreSQL database.
+URL works with --storage, so workers on several machines can share one PostgreSQL database (its driver: pip install
+-e '.[postgres]'). A trial whose worker died (killed, machine lost) is failed once its heartbeat has been silent
+for 2 x --heartbeat seconds, and run again by the next worker that starts a trial.
 
 The best trial's full config is written to <out>/<study>-best.yaml; `trainforge train --config` on it re-trains
 to the same validation accuracy (add --no-holdout to train on all training images and test on the test set).
@@ -17,7 +20,7 @@ to the same validation accuracy (add --no-holdout to train on all training image
 Examples:
   trainforge tune --data mnist --model mlp --trials 20 --subset 5000
   trainforge tune --model cnn --trials 50 --workers 2 --budget-minutes 30
-  trainforge tune --model cnn --trials 200 --storage postgresql://user:pw@db-host/optuna --study mnist-cnn
+  trainforge tune --model cnn --trials 200 --storage postgresql://user:pw@db-host:5432/optuna --study mnist-cnn
   trainforge train --config runs/tune/mnist-mlp-best.yaml
 """
 
@@ -27,6 +30,7 @@ import argparse
 from typing import Any
 
 from .. import config as cfg
+from .storage import HEARTBEAT_SECONDS
 
 # TrainConfig fields that tune owns or that clash with its own flags.
 SKIPPED_FIELDS = ("holdout", "out", "workers", "tensorboard")
@@ -47,6 +51,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                        help="largest number of epochs searched (default: the recipe's epochs)")
     study.add_argument("--no-prune", dest="prune", action="store_false",
                        help="let every trial run all its epochs")
+    study.add_argument("--heartbeat", type=int, default=HEARTBEAT_SECONDS, metavar="S",
+                       help="seconds between a running trial's heartbeats; a trial silent for twice that is failed "
+                            f"and run again (default: {HEARTBEAT_SECONDS})")
     study.add_argument("--out", default="runs/tune", metavar="DIR",
                        help="directory of the trial runs, the default SQLite study and the best config "
                             "(default: runs/tune)")
@@ -60,7 +67,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     fixed = {k: v for k, v in cfg.typed_options(args, cfg.TrainConfig).items() if k not in SKIPPED_FIELDS}
     settings = TuneSettings(fixed=fixed, trials=args.trials, workers=args.workers, out=args.out,
                             storage=args.storage, study=args.study, budget_minutes=args.budget_minutes,
-                            max_epochs=args.max_epochs, prune=args.prune)
+                            max_epochs=args.max_epochs, prune=args.prune, heartbeat=args.heartbeat)
     study = run_study(settings, progress=not (args.quiet or args.json))
     summary = summarize(study, settings)
     if not (args.quiet or args.json):

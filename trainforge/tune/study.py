@@ -4,8 +4,8 @@ Every trial is an ordinary run: its config is a full `TrainConfig` with `holdout
 `train()` itself, so the best config written at the end re-trains (with `trainforge train --config FILE`) to the
 validation accuracy the study reported. The test set is never used.
 
-The study lives in an SQLAlchemy storage (SQLite by default): an interrupted study resumes where it stopped, and
-any number of processes, here or on other machines, can share it.
+The study lives in an SQLAlchemy storage (SQLite by default, `storage.py`): an interrupted study resumes where it
+stopped, and any number of processes, here or on other machines, can share it.
 """
 
 from __future__ import annotations
@@ -25,9 +25,11 @@ from typing import Any, Callable
 from .. import config as cfg
 from ..errors import ConfigError, TrainforgeError, TrainingError
 from ..train.progress import Bar
+from .storage import HEARTBEAT_SECONDS, masked_url, open_storage
 
 # The parameters a study may tune; any of them the user fixes with a flag is left out of the search.
 TUNABLE = ("lr", "weight_decay", "batch_size", "epochs", "width", "augment")
+# Batch sizes searched, besides the recipe's own (which the first trial uses).
 BATCH_SIZES = (64, 128, 256, 512)
 # Learning rates are searched over this factor either side of the recipe's, so the range suits the optimizer.
 LR_SPAN = 10.0
@@ -53,19 +55,14 @@ class TuneSettings:
     budget_minutes: float | None = None
     max_epochs: int | None = None  # upper end of the epochs searched; default the recipe's epochs
     prune: bool = True
+    heartbeat: int = HEARTBEAT_SECONDS  # seconds between a running trial's signs of life (storage.py)
 
     def storage_url(self) -> str:
         return self.storage or f"sqlite:///{Path(self.out).resolve() / 'study.db'}"
 
     def storage_shown(self) -> str:
         """The storage URL with its password masked, for messages and summaries."""
-        from sqlalchemy.engine import make_url
-        from sqlalchemy.exc import ArgumentError
-
-        try:
-            return make_url(self.storage_url()).render_as_string(hide_password=True)
-        except ArgumentError:
-            return self.storage_url()
+        return masked_url(self.storage_url())
 
 
 @dataclasses.dataclass
@@ -75,6 +72,7 @@ class SearchSpace:
     base: cfg.TrainConfig          # the resolved config every trial starts from
     tuned: tuple[str, ...]
     lr_range: tuple[float, float]
+    batch_sizes: tuple[int, ...]
     max_epochs: int
     widths: tuple[int, ...]
     default_width: int | None
@@ -88,7 +86,7 @@ class SearchSpace:
         if "weight_decay" in self.tuned:
             values["weight_decay"] = trial.suggest_float("weight_decay", *WEIGHT_DECAY_RANGE, log=True)
         if "batch_size" in self.tuned:
-            values["batch_size"] = trial.suggest_categorical("batch_size", BATCH_SIZES)
+            values["batch_size"] = trial.suggest_categorical("batch_size", self.batch_sizes)
         if "epochs" in self.tuned:
             values["epochs"] = trial.suggest_int("epochs", 1, self.max_epochs)
         if "width" in self.tuned:
@@ -98,11 +96,13 @@ class SearchSpace:
         return values
 
     def defaults(self) -> dict[str, Any]:
-        """The recipe's own values of the tuned parameters, clipped into the search ranges."""
+        """The recipe's own values of the tuned parameters, where the search ranges hold them: a weight decay is
+        clipped into WEIGHT_DECAY_RANGE (a recipe's 0 becomes its lower end), and epochs are rounded up to whole
+        ones and capped at `max_epochs`."""
         base = self.base
         values = {"lr": base.lr, "weight_decay": min(max(base.weight_decay, WEIGHT_DECAY_RANGE[0]),
                                                      WEIGHT_DECAY_RANGE[1]),
-                  "batch_size": min(BATCH_SIZES, key=lambda b: abs(b - base.batch_size)),
+                  "batch_size": base.batch_size,
                   "epochs": min(max(1, math.ceil(base.epochs)), self.max_epochs), "augment": base.augment}
         if self.default_width is not None:
             values["width"] = self.default_width
@@ -136,44 +136,52 @@ def search_space(fixed: dict[str, Any], max_epochs: int | None = None) -> Search
         widths = tuple(sorted({max(1, round(width_param.default * f)) for f in WIDTH_FACTORS}))
     augments = cfg.TrainConfig.__dataclass_fields__["augment"].metadata["choices"]
     return SearchSpace(base=base, tuned=tuple(tuned), lr_range=(base.lr / LR_SPAN, base.lr * LR_SPAN),
+                       batch_sizes=tuple(sorted({*BATCH_SIZES, base.batch_size})),
                        max_epochs=max_epochs or max(1, math.ceil(base.epochs)), widths=widths,
                        default_width=width_param.default if widths else None, augments=tuple(augments))
 
 
 def _identity(space: SearchSpace) -> dict[str, Any]:
     values = cfg.to_dict(space.base)
-    return {**{k: values[k] for k in IDENTITY}, "tuned": list(space.tuned), "max_epochs": space.max_epochs}
+    return {**{k: values[k] for k in IDENTITY}, "tuned": list(space.tuned), "max_epochs": space.max_epochs,
+            "batch_sizes": list(space.batch_sizes) if "batch_size" in space.tuned else None}
 
 
 def open_study(settings: TuneSettings, space: SearchSpace, sampler_seed: int | None = None) -> Any:
-    """Creates the study in its storage, or loads it if it exists and was made for the same problem."""
+    """Creates the study in its storage, its first trial the recipe's values, or loads it if it exists and was made
+    for the same problem."""
     import optuna
+    from optuna.study import StudyDirection
 
     # Optuna logs every trial, and every interrupted one with a traceback; the progress bar and the final table
     # say the same once, and real errors propagate to the CLI.
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    url = settings.storage_url()
-    if url.startswith("sqlite:///"):
-        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-    # SQLite serialises writers; a generous lock timeout lets several workers share one file.
-    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    storage = open_storage(settings.storage_url(), settings.heartbeat)
     shown = settings.storage_shown()
-    try:
-        storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
-    except (ImportError, ValueError) as exc:
-        raise ConfigError(f"--storage {shown}: cannot open ({str(exc).splitlines()[0]})") from None
-    except Exception as exc:  # SQLAlchemy raises its own hierarchy for unreachable or unreadable databases
-        raise ConfigError(f"--storage {shown}: cannot open ({type(exc).__name__}: "
-                          f"{str(exc).splitlines()[0][:200]})") from None
     name = settings.study or f"{Path(space.base.data).name}-{space.base.model}"
     pruner = (optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0) if settings.prune
               else optuna.pruners.NopPruner())
     sampler = optuna.samplers.TPESampler(seed=sampler_seed, n_startup_trials=4, constant_liar=True)
-    study = optuna.create_study(study_name=name, storage=storage, direction="maximize", sampler=sampler,
-                                pruner=pruner, load_if_exists=True)
     identity = _identity(space)
+    try:
+        study = optuna.create_study(study_name=name, storage=storage, direction="maximize", sampler=sampler,
+                                    pruner=pruner)
+    except optuna.exceptions.DuplicatedStudyError:
+        # Made earlier, or by another worker an instant ago: which of them enqueues the first trial is decided by
+        # the database, so workers started together run it once.
+        study = optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
+    else:
+        study.set_user_attr("identity", identity)
+        # The recipe's values go first: the study starts from the untuned result, and the pruner has a sensible
+        # yardstick from the start.
+        study.enqueue_trial(space.defaults())
+        return study
+    if study.directions != [StudyDirection.MAXIMIZE]:
+        raise ConfigError(f"study {name!r} in {shown} {'/'.join(d.name.lower() for d in study.directions)}s its "
+                          f"objective, tune maximizes validation accuracy; pass a new --study name")
     stored = study.user_attrs.get("identity")
     if stored is None:
+        # A study of Optuna's own, or one whose creator has not written its identity yet (the same one, then).
         study.set_user_attr("identity", identity)
     elif stored != identity:
         differ = ", ".join(f"{k}: {stored.get(k)!r} in the study, {identity.get(k)!r} now"
@@ -311,10 +319,6 @@ def run_study(settings: TuneSettings, progress: bool = True) -> Any:
         raise ConfigError(f"--budget-minutes must be > 0, got {settings.budget_minutes}")
     space = search_space(settings.fixed, settings.max_epochs)
     study = open_study(settings, space)
-    if not study.trials:
-        # The recipe's defaults go first: the study then never reports worse than no tuning, and the pruner has a
-        # sensible yardstick from the start.
-        study.enqueue_trial(space.defaults())
     done = count_finished(study)
     remaining = settings.trials - done
     if remaining <= 0:
