@@ -126,12 +126,48 @@ def test_bench_linear_reports_exact_flops_mfu_and_a_plot(measured_cache, tmp_pat
         assert row["train_flops_per_second"] == pytest.approx(31360 * row["train_samples_per_second"])
         assert row["train_mfu"] == pytest.approx(row["train_flops_per_second"] / ceiling)
         assert row["inference_mfu"] == pytest.approx(15680 * row["inference_samples_per_second"] / ceiling)
-        assert row["train_speedup_vs_cpu"] == row["inference_speedup_vs_cpu"] == 1.0
-        assert row["train_step_ms"] > 0 and row["inference_batch_ms_p90"] >= row["inference_batch_ms"]
+        # The CPU is the baseline: its rows claim no speed-up over themselves.
+        assert row["train_speedup_vs_cpu"] is None and row["inference_speedup_vs_cpu"] is None
     assert result["plot"] == str(plot) and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     print_table(result)
     table = capsys.readouterr().out
-    assert "linear on mnist" in table and "15,680" in table and table.count("1.0x") == 4
+    assert "linear on mnist" in table and "15,680" in table
+    assert len([line for line in table.splitlines() if line.startswith("│") and line.endswith("│     - │")]) == 4
+
+
+def test_speedups_divide_another_device_by_the_cpu_row_of_its_batch_size():
+    from trainforge.bench.command import _add_speedups
+
+    def row(device, precision, batch_size, train, inference):
+        return {"device": device, "precision": precision, "batch_size": batch_size, "compile": False,
+                "train_samples_per_second": train, "inference_samples_per_second": inference}
+
+    rows = [row("cpu", "32", 64, 100.0, 400.0), row("cuda:0", "32", 64, 800.0, 2000.0),
+            row("cuda:0", "bf16", 64, 1600.0, 6000.0), row("cuda:0", "32", 128, 900.0, 2500.0)]
+    _add_speedups(rows)
+    speedups = [(r["train_speedup_vs_cpu"], r["inference_speedup_vs_cpu"]) for r in rows]
+    # bf16 has no CPU row here, so it compares with the CPU's fp32; batch 128 has no CPU row at all.
+    assert speedups == [(None, None), (8.0, 5.0), (16.0, 15.0), (None, None)]
+
+
+def test_step_timings_give_samples_per_second_median_and_p90_of_the_timed_steps(monkeypatch):
+    from trainforge.bench import command
+
+    # A clock that each step advances by the next of these durations: two slow warm-up steps, then ten timed ones.
+    durations = iter([5.0, 5.0] + [0.010] * 8 + [0.050, 0.100])
+    clock = [0.0]
+
+    def step():
+        clock[0] += next(durations)
+
+    monkeypatch.setattr(command.time, "perf_counter", lambda: clock[0])
+    times = command._time_steps(step, torch.device("cpu"), steps=10, warmup=2)
+    assert times == pytest.approx([0.010] * 8 + [0.050, 0.100])
+    figures = command._figures("train", "train_step_ms", 64, times)
+    # 640 samples in 0.23 s; the median step 10 ms; the 90th percentile 9/10 of the way from the 9th to the 10th
+    # slowest (numpy's linear interpolation): 50 + 0.1 * 50 ms.
+    assert figures == pytest.approx({"train_samples_per_second": 640 / 0.23, "train_step_ms": 10.0,
+                                     "train_step_ms_p90": 55.0})
 
 
 def test_bench_cnn_reports_mfu_on_this_cpu(measured_cache, monkeypatch):
