@@ -2,8 +2,10 @@
 
 Each round times `probe.measure_matmul` (best of a few blocks) and, right after it, the loop anyone would write
 (warm-up, then N matmuls between two perf_counter calls), on the same device, dtype and size, and prints their
-ratio. The acceptance criterion is a ratio within 1 +- 0.3. Rounds are back to back so that a shared machine's load
-affects both sides alike.
+ratio. A ceiling is an upper bound: the acceptance criterion is that no round's plain loop beats it by more than
+10% (ratio >= 0.9); on an idle machine the ratio should also stay below 1.3 (under load the plain loop, one block,
+is slowed where the best of five is not). Rounds are back to back so that a shared machine's load affects both
+sides alike.
 
 Usage: python benchmarks/hw_ceiling.py [--rounds 5] [--device cpu] [--dtype fp32 bf16]
 """
@@ -54,8 +56,10 @@ def main() -> None:
             ratios.append(ceiling / plain)
             print(f"  {dtype} round {r + 1}: ceiling {ceiling / 1e9:8.1f} GFLOP/s, plain loop {plain / 1e9:8.1f} "
                   f"GFLOP/s, ratio {ratios[-1]:.2f}")
-        within = sum(0.7 <= x <= 1.3 for x in ratios)
-        print(f"{dtype}: median ratio {statistics.median(ratios):.2f}; {within}/{len(ratios)} rounds within 30%")
+        bounded = sum(x >= 0.9 for x in ratios)
+        close = sum(x < 1.3 for x in ratios)
+        print(f"{dtype}: median ratio {statistics.median(ratios):.2f}; {bounded}/{len(ratios)} rounds with the "
+              f"ceiling at least 0.9x the plain loop, {close}/{len(ratios)} below 1.3x")
 
 
 if __name__ == "__main__":

@@ -121,3 +121,12 @@ def start_server(source: Path, *args: str) -> tuple[subprocess.Popen, str]:
                 proc.kill()
                 pytest.fail("server did not start")
             time.sleep(0.2)
+
+
+def wait_for(predicate, what: str, timeout: float = 60) -> None:
+    """Polls `predicate` until it holds; fails naming `what` only if it never does (a hang, not a slow machine)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"still waiting for {what} after {timeout:.0f} s")
+        time.sleep(0.02)

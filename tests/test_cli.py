@@ -1,6 +1,7 @@
 import argparse
 import json
 import os
+import re
 import signal
 import time
 
@@ -45,9 +46,17 @@ def test_train_eval_predict_through_the_cli(tmp_path, mnist):
 
 
 def test_human_output_and_progress_go_to_the_right_streams(tmp_path):
-    result = run_cli("train", "--epochs", "1", "--subset", "1000", "--out", str(tmp_path / "r"), "--no-tensorboard")
+    # 1,000 images in batches of 100: the bar counts 10 steps. A wide console keeps rich from dropping columns.
+    result = run_cli("train", "--epochs", "1", "--subset", "1000", "--batch-size", "100", "--out", str(tmp_path / "r"),
+                     "--no-tensorboard", env={"COLUMNS": "200"})
     assert result.returncode == 0, result.stderr
-    assert "test accuracy" in result.stdout and "train" in result.stderr
+    accuracy = re.fullmatch(r"test accuracy (0\.\d{4}) after 1 epochs .*", result.stdout.strip()).group(1)
+    # The bar's last frame: label, bar, steps done of all, samples/s, the epoch's line and the time left.
+    bars = [line for line in result.stderr.splitlines() if line.startswith("train ")]
+    assert len(bars) == 1, result.stderr
+    assert re.fullmatch(rf"train ━+ 10/10 [\d,]+ samples/s epoch 1 loss \d+\.\d{{4}} test acc {accuracy} .*0:00:00",
+                        bars[0]), bars[0]
+    assert len(result.stdout.strip().splitlines()) == 1  # stdout holds the result line only
 
 
 def test_user_mistakes_are_one_line_errors(tmp_path, capsys):

@@ -43,7 +43,7 @@ def test_int8_cli_report(small_cnn_run, tmp_path):
     quantized = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"
                  and any(t.name == n.input[0] and t.data_type == onnx.TensorProto.INT8 for t in graph.initializer)}
     assert len(conv_weights) == 3 and conv_weights <= quantized
-    assert all(v["throughput"] > 0 and v["latency_ms_p99"] >= v["latency_ms_p50"] > 0 for v in variants)
+    assert all(v["throughput"] > 0 and v["latency_ms_p50"] > 0 for v in variants)
 
     report = json.loads((out / "report.json").read_text())
     baseline_runtimes = {t["runtime"] for t in report["variants"][0]["runtimes"]}
@@ -55,6 +55,29 @@ def test_int8_cli_report(small_cnn_run, tmp_path):
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     session = ort.InferenceSession(str(out / "int8-static.onnx"), providers=["CPUExecutionProvider"])
     assert session.run(None, {"images": np.zeros((3, 1, 28, 28), np.uint8)})[0].shape == (3, 10)
+
+
+def test_timings_are_percentiles_of_the_timed_calls_and_the_median_repeat(monkeypatch):
+    from trainforge.compress import measure
+
+    # A clock that each call advances by a given duration. Batch 1: five slow warm-up calls, then 100 timed calls of
+    # 1..100 ms (shuffled). Batch 256: one slow warm-up, then three repeats of at least 0.2 s at 2,048, 1,024 and
+    # 4,096 images/s.
+    clock = [0.0]
+    singles = iter([1.0] * 5 + list(np.random.default_rng(0).permutation(np.arange(1, 101) / 1000)))
+    batches = iter([10.0, 0.125, 0.125, 0.25, 0.0625, 0.0625, 0.0625, 0.0625])
+
+    def predict(images):
+        clock[0] += next(singles if len(images) == 1 else batches)
+        return np.zeros((len(images), 10), np.float32)
+
+    monkeypatch.setattr(measure.time, "perf_counter", lambda: clock[0])
+    timing = measure.time_predictor("eager", predict, np.zeros((3, 1, 28, 28), np.uint8), latency_calls=100,
+                                    throughput_repeats=3)
+    # numpy's percentiles of 1..100 (linear interpolation): 50.5 and 99.01; the median of the three rates.
+    assert (timing.latency_ms_p50, timing.latency_ms_p99) == pytest.approx((50.5, 99.01))
+    assert timing.throughput == pytest.approx(2048.0)
+    assert next(singles, None) is None and next(batches, None) is None  # no call more or less than planned
 
 
 def test_channel_and_magnitude_pruning(small_cnn_run, tmp_path):

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import REPO, load_benchmark
+from conftest import REPO, load_benchmark, wait_for
 
 gpu_check = load_benchmark("gpu_check")
 
@@ -74,16 +74,17 @@ def test_a_failing_step_is_recorded_with_its_error_and_blocks_only_what_needs_it
     assert summary["status"] == gpu_check.OK and summary["result"] == {"x": 2} and summary["summary"] == "x=2"
 
 
-def test_a_hanging_step_is_stopped_with_the_processes_it_started():
+def test_a_hanging_step_is_stopped_with_the_processes_it_started(tmp_path):
+    # The step starts a child that would outlive the wait below, says its pid, sleeps 60 s, then leaves a file: a
+    # step waited for to its end (not stopped at its limit) would leave the file.
+    finished = tmp_path / "finished"
     code = ("import json, subprocess, sys, time; child = subprocess.Popen([sys.executable, '-c', "
-            "'import time; time.sleep(60)']); print(json.dumps({'child': child.pid}), flush=True); time.sleep(60)")
-    start = time.monotonic()
+            "'import time; time.sleep(300)']); print(json.dumps({'child': child.pid}), flush=True); time.sleep(60); "
+            f"open({str(finished)!r}, 'w').close()")
     record = run(gpu_check.Step("hang", "hang", ["-c", code], 5))  # time for the child to start, on a busy machine
-    assert record["status"] == gpu_check.TIMED_OUT and time.monotonic() - start < 30
-    deadline = time.monotonic() + 10  # a killed process still runs until the (busy) CPU lets it exit
-    while process_state(record["result"]["child"]) not in (None, "Z") and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert process_state(record["result"]["child"]) in (None, "Z")  # gone, or dead and awaiting its reaper
+    assert record["status"] == gpu_check.TIMED_OUT and not finished.exists()
+    # Gone, or dead and awaiting its reaper (a killed process still runs until the busy CPU lets it exit).
+    wait_for(lambda: process_state(record["result"]["child"]) in (None, "Z"), "the step's child to end")
 
 
 def process_state(pid: int) -> str | None:

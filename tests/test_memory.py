@@ -81,12 +81,34 @@ def test_out_of_memory_below_one_sample_per_micro_batch_is_a_clear_error(tmp_pat
                          progress=False)
 
 
-def test_auto_batch_size_and_lr_are_recorded_and_rerun_identically(tmp_path, mnist):
+def test_auto_batch_size_is_the_knee_of_samples_per_second_recorded_and_rerun_identically(tmp_path, mnist,
+                                                                                         monkeypatch, capsys):
+    from trainforge.train import plan
+
+    # A stand-in for the trial steps' timing with a known knee: samples/s doubles up to 64 and gains only 5% at 128,
+    # below the 1.1x a doubling must bring on the CPU; 256 (and beyond) would be faster still, but is never tried.
+    rates = {16: 1000.0, 32: 2000.0, 64: 3800.0, 128: 3990.0, 256: 8000.0}
+    tried = []
+
+    def rate(model, optimizer, x, y, device, precision):
+        tried.append(len(y))
+        return rates[len(y)]
+
+    monkeypatch.setattr(plan, "_samples_per_second", rate)
     bundle = _bundle(mnist, 2000, n_test=1000)
-    first = trainforge.train(_config(tmp_path, "auto", batch_size="auto", lr="auto"), data=bundle, progress=False)
+    # With progress on, training prints its automatic choices.
+    first = trainforge.train(_config(tmp_path, "auto", batch_size="auto", lr="auto"), data=bundle, progress=True)
+    assert tried == [16, 32, 64, 128]
+    assert "batch size auto: 64, samples/s grew by less than 1.1x past it (3,800 at 64, 3,990 at 128)" in \
+        capsys.readouterr().err
     saved = cfg.load_file(cfg.TrainConfig, tmp_path / "auto" / "config.yaml")
-    assert isinstance(saved.batch_size, int) and 16 <= saved.batch_size <= 2000 // 8
+    assert saved.batch_size == 64
     assert isinstance(saved.lr, float) and saved.lr_scaling == "linear"
+    # Without a knee, the largest power of two that keeps 8 steps per epoch: 2,000 // 8 = 250 -> 128.
+    rates[128] = 7600.0
+    model = torch.nn.Linear(1, 1)
+    assert plan.auto_batch_size(model, bundle.train.images, bundle.train.labels, torch.device("cpu"), "32",
+                                largest=4096, n_train=2000)[0] == 128
     again = trainforge.train({**cfg.to_dict(saved), "out": str(tmp_path / "again")}, data=bundle, progress=False)
     assert (again.test_acc, again.test_loss) == (first.test_acc, first.test_loss)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import run_cli, wait_for
 
 from trainforge import runs
 from trainforge.errors import CheckpointError, ConfigError
@@ -196,15 +196,6 @@ def _start_train(out: Path, delay: float, *extra: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _wait_for(predicate, what: str, timeout: float = 120) -> None:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
-
-
 def test_out_on_a_finished_run_refuses_overwrite_replaces_and_config_reruns_elsewhere(trained_run, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(trained_run, run_dir)
@@ -222,18 +213,35 @@ def test_out_on_a_finished_run_refuses_overwrite_replaces_and_config_reruns_else
     assert "seed: 5" in (run_dir / runs.CONFIG_FILE).read_text() and len(runs.read_metrics(run_dir)) == 1
 
 
-def test_two_trainings_into_one_out_one_runs_the_other_gets_the_lock_error(tmp_path, capsys):
-    from trainforge import cli
+def test_two_trainings_into_one_out_one_runs_the_other_gets_the_lock_error(tmp_path, mnist_small):
+    import threading
 
-    out = tmp_path / "shared"
-    first = _start_train(out, 1.0)
-    _wait_for(lambda: (out / runs.LOCK_FILE).exists(), "the first training's lock")
-    # The second in this process (torch already imported), so that it reaches the lock while the first holds it.
-    assert cli.main(_train_argv(out)) == 2
-    assert f"{out} is in use by another training (pid {first.pid} on host" in capsys.readouterr().err
-    stdout, stderr = first.communicate(timeout=240)
-    assert first.returncode == 0, stderr[-2000:]
-    assert json.loads(stdout.splitlines()[-1])["run_dir"] == str(out) and not (out / runs.LOCK_FILE).exists()
+    import trainforge
+    from trainforge.train.loop import Hooks
+
+    # The first, in this process, holds the run directory at the end of its epoch until the second has been refused.
+    out, at_epoch_end, refused, result = tmp_path / "shared", threading.Event(), threading.Event(), []
+
+    def hold(record):
+        at_epoch_end.set()
+        refused.wait(600)  # set once the second has returned, and run_cli gives it 300 s at most
+        return False
+
+    first = threading.Thread(target=lambda: result.append(trainforge.train(
+        {"model": "linear", "epochs": 1, "out": str(out), "tensorboard": False}, data=mnist_small,
+        hooks=Hooks(on_epoch=hold), progress=False)))
+    first.start()
+    try:
+        assert at_epoch_end.wait(120), "the first training never finished its epoch"
+        second = run_cli(*_train_argv(out))
+    finally:
+        refused.set()
+        first.join(120)
+    assert second.returncode == 2 and second.stderr.count("\n") == 1, second.stderr
+    assert f"{out} is in use by another training (pid {os.getpid()} on host" in second.stderr
+    (trained,) = result  # the first ran to its end and wrote its run
+    assert runs.read_metrics(out)[-1]["test_acc"] == trained.test_acc > 0.5
+    assert (out / runs.SUMMARY_FILE).exists() and not (out / runs.LOCK_FILE).exists()
 
 
 def test_sigkill_before_the_first_checkpoint_then_resume_matches_an_uninterrupted_run(tmp_path):
@@ -241,7 +249,7 @@ def test_sigkill_before_the_first_checkpoint_then_resume_matches_an_uninterrupte
     assert whole.returncode == 0, whole.stderr
     killed = _start_train(tmp_path / "cut", 1.0)
     # Killed while the first checkpoint's temporary file waits for its rename: config.yaml saved, no state.pt.
-    _wait_for(lambda: list((tmp_path / "cut").glob(".state.pt.*.tmp")), "the first checkpoint's write")
+    wait_for(lambda: list((tmp_path / "cut").glob(".state.pt.*.tmp")), "the first checkpoint's write", timeout=120)
     killed.send_signal(signal.SIGKILL)
     killed.communicate(timeout=60)
     assert (tmp_path / "cut" / runs.CONFIG_FILE).exists() and not (tmp_path / "cut" / runs.STATE_FILE).exists()

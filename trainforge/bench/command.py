@@ -5,7 +5,7 @@ For every combination of --device, --precision and --batch-size: training throug
 (one optimizer step of the model's recipe, on real batches kept on the device), inference throughput and batch
 latency, the FLOPs per sample (counted by torch.utils.flop_counter: matmuls and convolutions, forward, and forward +
 backward for training), the achieved FLOP/s and its fraction of the measured matmul ceiling (MFU), and the speed-up
-of every device over the CPU at the same batch size. The ceilings come from `trainforge hw --measure`'s cache; a
+of every other device over the CPU at the same batch size (none on the CPU's own rows). The ceilings come from `trainforge hw --measure`'s cache; a
 device never measured is measured first (a few seconds) and added to it.
 
 Latencies are medians (and 90th percentiles) of per-step times: CUDA events on a GPU, so no step waits for another.
@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import torch
 
 from .. import config as cfg
@@ -197,18 +197,20 @@ def measure(net: torch.nn.Module, config: cfg.TrainConfig, images: torch.Tensor,
             step_model(x)
 
     net.train()
-    train_times = _time_steps(train_step, device, steps, warmup)
+    train = _figures("train", "train_step_ms", batch_size, _time_steps(train_step, device, steps, warmup))
     net.eval()
-    infer_times = _time_steps(infer_step, device, steps, warmup)
+    infer = _figures("inference", "inference_batch_ms", batch_size, _time_steps(infer_step, device, steps, warmup))
     return {"device": ceilings.device_key(device), "precision": precision, "batch_size": batch_size,
-            "compile": compile,
-            "train_samples_per_second": batch_size * len(train_times) / sum(train_times),
-            "train_step_ms": 1e3 * statistics.median(train_times),
-            "train_step_ms_p90": 1e3 * _percentile(train_times, 0.9),
-            "inference_samples_per_second": batch_size * len(infer_times) / sum(infer_times),
-            "inference_batch_ms": 1e3 * statistics.median(infer_times),
-            "inference_batch_ms_p90": 1e3 * _percentile(infer_times, 0.9),
+            "compile": compile, **train, **infer,
             "peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None}
+
+
+def _figures(mode: str, latency: str, batch_size: int, times: list[float]) -> dict[str, float]:
+    """`<mode>_samples_per_second` over all timed steps (stalls included), and the `<latency>` median and 90th
+    percentile (`<latency>_p90`) of the steps, in ms."""
+    ms = 1e3 * np.array(times)
+    return {f"{mode}_samples_per_second": batch_size * len(times) / sum(times),
+            latency: float(np.median(ms)), f"{latency}_p90": float(np.percentile(ms, 90))}
 
 
 def _cycle(loader: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -243,11 +245,6 @@ def _time_steps(step: Any, device: torch.device, steps: int, warmup: int) -> lis
     return times
 
 
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
 def _ceilings(devices: set[torch.device], progress: bool) -> dict[str, Any]:
     """The cached ceilings, after measuring (and caching) any device among `devices` that has none yet."""
     record = ceilings.read_cache() or {"measured_at": probe.timestamp(), "machine": probe.inspect(), "ceilings": {}}
@@ -263,14 +260,15 @@ def _ceilings(devices: set[torch.device], progress: bool) -> dict[str, Any]:
 
 
 def _add_speedups(rows: list[dict[str, Any]]) -> None:
-    """Speed-up over the CPU at the same batch size (and precision, else the CPU's fp32), when the CPU was measured."""
+    """Speed-up of each other device over the CPU at the same batch size (and precision, else the CPU's fp32), when
+    the CPU was measured; None where there is nothing to compare (the CPU's own rows are the baseline, not 1.0x)."""
     cpu = {(r["precision"], r["batch_size"], r["compile"]): r for r in rows if r["device"] == "cpu"}
     for row in rows:
         base = cpu.get((row["precision"], row["batch_size"], row["compile"])) or \
             cpu.get(("32", row["batch_size"], row["compile"]))
         for mode in ("train", "inference"):
             key = f"{mode}_samples_per_second"
-            row[f"{mode}_speedup_vs_cpu"] = row[key] / base[key] if base else None
+            row[f"{mode}_speedup_vs_cpu"] = row[key] / base[key] if base and row["device"] != "cpu" else None
 
 
 def print_table(result: dict[str, Any]) -> None:

@@ -8,7 +8,6 @@ import datetime
 import os
 import platform
 import socket
-import statistics
 import time
 from typing import Any, Callable
 
@@ -24,8 +23,9 @@ MATMUL_SIZE = {"cpu": 1024, "cuda": 8192, "mps": 4096}
 # Bytes of each side of the bandwidth copies: far beyond any cache, yet a small share of device memory.
 COPY_BYTES = {"cpu": 256 * 2 ** 20, "cuda": 2 ** 30, "mps": 256 * 2 ** 20}
 HOST_COPY_BYTES = 256 * 2 ** 20
-# Each figure is the median of a few timed blocks: the rate the device sustains, which one block disturbed by a
-# neighbour (or one lucky block on a shared machine) does not move.
+# Each figure is the best of a few timed blocks: a neighbour or a stall can only slow a block, never speed it up, so
+# the fastest block is the closest to what the device can do (a median carried the load of a shared machine into
+# the ceiling, and MFUs above 100% out of it).
 BLOCKS = 5
 SECONDS_PER_FIGURE = 0.5
 ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "avx512_fp16", "amx_tile",
@@ -181,7 +181,7 @@ def _matmul_or_none(device: torch.device, dtype: str, seconds: float) -> float |
 
 def measure_matmul(device: torch.device, dtype: str, size: int | None = None,
                    seconds: float = SECONDS_PER_FIGURE) -> float:
-    """Sustained FLOP/s of a square `size` matmul (2*size^3 FLOPs) in `dtype` (fp32, tf32, bf16, fp16)."""
+    """FLOP/s of a square `size` matmul (2*size^3 FLOPs) in `dtype` (fp32, tf32, bf16, fp16)."""
     n = size or MATMUL_SIZE[device.type]
     torch_dtype = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16,
                    "fp16": torch.float16}[dtype]
@@ -191,7 +191,7 @@ def measure_matmul(device: torch.device, dtype: str, size: int | None = None,
     tf32_before = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = dtype == "tf32"
     try:
-        return 2.0 * n ** 3 * _sustained_rate(lambda: torch.matmul(a, b, out=out), device, seconds)
+        return 2.0 * n ** 3 * _best_rate(lambda: torch.matmul(a, b, out=out), device, seconds)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32_before
 
@@ -204,7 +204,7 @@ def measure_copy_bandwidth(device: torch.device, nbytes: int | None = None,
         nbytes = min(nbytes, torch.cuda.get_device_properties(device).total_memory // 8)
     src = torch.ones(nbytes // 4, device=device)
     dst = torch.empty_like(src)
-    return 2.0 * src.numel() * 4 * _sustained_rate(lambda: dst.copy_(src), device, seconds)
+    return 2.0 * src.numel() * 4 * _best_rate(lambda: dst.copy_(src), device, seconds)
 
 
 def measure_host_bandwidth(device: torch.device, direction: str, pinned: bool,
@@ -214,11 +214,11 @@ def measure_host_bandwidth(device: torch.device, direction: str, pinned: bool,
     dev = torch.empty(HOST_COPY_BYTES, dtype=torch.uint8, device=device)
     copy = (lambda: dev.copy_(host, non_blocking=pinned)) if direction == "h2d" else \
         (lambda: host.copy_(dev, non_blocking=pinned))
-    return HOST_COPY_BYTES * _sustained_rate(copy, device, seconds)
+    return HOST_COPY_BYTES * _best_rate(copy, device, seconds)
 
 
-def _sustained_rate(fn: Callable[[], Any], device: torch.device, seconds: float) -> float:
-    """Calls of `fn` per second in the median of BLOCKS timed blocks, after a warm-up call."""
+def _best_rate(fn: Callable[[], Any], device: torch.device, seconds: float) -> float:
+    """Calls of `fn` per second in the fastest of BLOCKS timed blocks, after a warm-up call."""
     fn()
     synchronize(device)
     start = time.perf_counter()
@@ -233,7 +233,7 @@ def _sustained_rate(fn: Callable[[], Any], device: torch.device, seconds: float)
             fn()
         synchronize(device)
         per_call.append((time.perf_counter() - start) / reps)
-    return 1.0 / statistics.median(per_call)
+    return 1.0 / min(per_call)
 
 
 def timestamp() -> str:
