@@ -143,8 +143,11 @@ def finetune(options: FinetuneConfig | dict[str, Any], train_options: dict[str, 
 
     options, config = _configs(options, train_options)
     cache = _resolve_cache(options, config)
+    # A folder is decoded at the size the network takes, not at its images' own: decoding a 500x375 photo at 224 px
+    # once costs less than keeping it whole and resizing it in every step of every epoch.
     bundle = data or load_data(config.data, config.data_dir, subset=config.subset, seed=config.seed,
-                               image_size=config.image_size, val_fraction=config.val_fraction)
+                               image_size=config.image_size or sources.input_size(options.source, config.model),
+                               val_fraction=config.val_fraction, progress=progress)
     source = sources.load_source(options.source, bundle, model=config.model, progress=progress)
     if options.update and source.kind != "run":
         raise ConfigError(f"--update needs a run directory to update, and --from {options.source} is a {source.kind} "
