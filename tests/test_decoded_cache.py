@@ -234,6 +234,7 @@ def test_training_says_whether_the_cache_was_hit(cache, folder, tmp_path, capsys
 
 
 def test_fine_tuning_decodes_a_folder_at_the_networks_input_size(cache, mnist_jpeg_folder, small_cnn_run, tmp_path):
+    from trainforge.eval import evaluate_run
     from trainforge.finetune import finetune
 
     result = finetune({"source": str(small_cnn_run), "strategy": "linear-probe"},
@@ -241,6 +242,8 @@ def test_fine_tuning_decodes_a_folder_at_the_networks_input_size(cache, mnist_jp
                        "tensorboard": False}, progress=False)
     assert result["image_size"] == 28
     assert [(row["size"], row["channels"]) for row in cache_entries()] == [([28, 28], 3)]  # not the files' 128 px
+    evaluate_run(tmp_path / "tuned")  # the recorded size: eval reads the same decoded images
+    assert [(row["size"], row["channels"]) for row in cache_entries()] == [([28, 28], 3)]
 
 
 def test_a_bad_file_is_named_and_nothing_is_cached(cache, folder):

@@ -11,6 +11,11 @@ the first decoded.
 
 Where the entry cannot be written (a directory that is not writable, a full disk), the folder is decoded into memory
 instead, with one line saying why. Nothing is ever written into the image folder.
+
+Several sizes: an entry holds one size, and a smaller one is never derived from it behind a run's back (a run's
+pixels would then depend on what happened to be cached before). A search over sizes (say 112 to 224 px) loads its
+folder once at the largest and gives smaller candidates those images: a model resizes its input to its own size
+inside itself, with the same resize, so each file is decoded once for the whole search.
 """
 
 from __future__ import annotations
