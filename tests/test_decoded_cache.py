@@ -18,7 +18,7 @@ from conftest import REPO, run_cli
 from PIL import Image
 
 from trainforge.data import load_data, make_train_loader
-from trainforge.data.cache import FULL_ENV, cache_entries, decode_folder, decoded_dir
+from trainforge.data.cache import FULL_ENV, cache_entries, decode_folder
 from trainforge.data.folder import FolderDataset, decode_files, scan_image_folder
 from trainforge.data.loaders import CachedRows
 from trainforge.errors import DataError
