@@ -4,11 +4,14 @@ No test reads ../shared or Fashion-MNIST: a fresh clone with an empty home must 
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from types import ModuleType
@@ -23,6 +26,10 @@ REPO = Path(__file__).resolve().parents[1]
 # Tests, and the subprocesses they start, find MNIST as a fresh install does (the copy inside the package, or a
 # verified one in the user cache), never through a data root the developer happens to have set.
 os.environ.pop("TRAINFORGE_DATA", None)
+# Decoded-image caches and hardware measurements of the session go to a directory of its own, never the developer's
+# ~/.cache/trainforge; subprocesses inherit it.
+os.environ["TRAINFORGE_CACHE"] = tempfile.mkdtemp(prefix="trainforge-cache-")
+atexit.register(shutil.rmtree, os.environ["TRAINFORGE_CACHE"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

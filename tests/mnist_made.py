@@ -36,19 +36,21 @@ def class_split(bundle: DataBundle, classes: list[int], name: str) -> DataBundle
     return DataBundle(name, part(bundle.train), part(bundle.test), bundle.mean, bundle.std)
 
 
-def to_photo(image: torch.Tensor, size: int) -> Image.Image:
-    """A digit as an RGB picture of `size` pixels: upscaled with an antialiased resize and tinted per channel, so
-    that decoding a JPEG of it costs what a photo of that size costs."""
-    gray = Image.fromarray(image[0].numpy()).resize((size, size), Image.Resampling.BICUBIC)
+def to_photo(image: torch.Tensor, size: int | tuple[int, int]) -> Image.Image:
+    """A digit (or any gray image) as an RGB picture of `size` pixels (a side, or (width, height)): upscaled with an
+    antialiased resize and tinted per channel, so that decoding a JPEG of it costs what a photo of that size costs.
+    The one way to make a photo from a real image: benchmarks/make_photo_folder.py makes its folders with it."""
+    width, height = (size, size) if isinstance(size, int) else size
+    gray = Image.fromarray(image[0].numpy()).resize((width, height), Image.Resampling.BICUBIC)
     pixels = np.asarray(gray, dtype=np.float32)
     rgb = np.stack([pixels, 255 - pixels * 0.6, pixels * 0.8 + 30], axis=-1)
     return Image.fromarray(rgb.clip(0, 255).astype(np.uint8), "RGB")
 
 
-def write_folder(root: Path, images: ImageSet, fmt: str = "png", size: int | None = None,
+def write_folder(root: Path, images: ImageSet, fmt: str = "png", size: int | tuple[int, int] | None = None,
                  quality: int = 90) -> Path:
     """One sub-folder per class of `images` (named by the class), one file per image: PNG of the gray digit as it
-    is, or (`fmt="jpeg"`) an RGB JPEG upscaled to `size` pixels."""
+    is, or (`fmt="jpeg"`) an RGB JPEG upscaled to `size` pixels (a side, or (width, height))."""
     for i, (image, label) in enumerate(zip(images.images, images.labels.tolist())):
         folder = root / images.classes[label].replace("/", "-")
         folder.mkdir(parents=True, exist_ok=True)
@@ -61,7 +63,8 @@ def write_folder(root: Path, images: ImageSet, fmt: str = "png", size: int | Non
     return root
 
 
-def write_split_folder(root: Path, bundle: DataBundle, fmt: str = "png", size: int | None = None) -> Path:
+def write_split_folder(root: Path, bundle: DataBundle, fmt: str = "png",
+                       size: int | tuple[int, int] | None = None) -> Path:
     """`root/train/<class>/…` from the bundle's training images and `root/val/<class>/…` from its test images."""
     write_folder(root / "train", bundle.train, fmt, size)
     write_folder(root / "val", bundle.test, fmt, size)

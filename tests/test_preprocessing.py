@@ -73,14 +73,19 @@ def serve_file(base: str, path: Path) -> httpx.Response:
     return httpx.post(base + "/predict", files={"file": (path.name, path.read_bytes())}, timeout=60)
 
 
-def test_one_jpeg_gets_the_same_logits_on_every_path(small_cnn_run, served, tmp_path):
+@pytest.mark.parametrize("height,width", [(37, 53), (240, 320)])
+def test_one_jpeg_gets_the_same_logits_on_every_path(small_cnn_run, served, tmp_path, height, width):
+    """Small, and 8x the model's 28 px, which the decoder reads by draft at a quarter of its size on every path."""
     import trainforge
     from trainforge.deploy.formats import export_onnx
 
-    jpeg = tmp_path / "digit.jpg"
-    Image.fromarray(rgb(37, 53)).save(jpeg, quality=90)  # RGB, non-square, not the model's 28x28
+    jpeg = tmp_path / "class0" / "digit.jpg"
+    jpeg.parent.mkdir()
+    Image.fromarray(rgb(height, width)).save(jpeg, quality=90)  # RGB, non-square, not the model's 28x28
     model = trainforge.load(small_cnn_run)
-    pixels = read_image(jpeg, model.info.in_channels)  # decoded once, by the shared decoder
+    pixels = read_image(jpeg, model.info.in_channels, size=(28, 28))  # decoded once, by the shared decoder
+    drafted = height >= 4 * 28
+    assert pixels.shape[1:] == ((height // 4, width // 4) if drafted else (height, width))
     with torch.inference_mode():
         want = model(torch.from_numpy(pixels)[None])[0]
     log_probs = torch.log_softmax(want, 0)
@@ -96,6 +101,10 @@ def test_one_jpeg_gets_the_same_logits_on_every_path(small_cnn_run, served, tmp_
     assert (got - log_probs[indices]).abs().max() <= 1e-4
     answer = serve_file(served, jpeg).json()["predictions"][0]
     assert answer["index"] == indices[0] and abs(np.log(answer["confidence"]) - log_probs[indices[0]]) <= 1e-4
+    # A folder decodes the same pixels and resizes them by the model's resize, once, rounded to uint8.
+    folder, _ = load_image_folder(tmp_path, image_size=28, channels=1, val_fraction=0)
+    resized = resize_images(torch.from_numpy(pixels)[None].float(), (28, 28)).round().clamp(0, 255).to(torch.uint8)
+    assert torch.equal(folder.images, resized)
 
 
 def test_image_zoo_gets_one_answer_on_every_path_or_one_clear_line(small_cnn_run, served, zoo):

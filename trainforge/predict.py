@@ -3,7 +3,8 @@
 IMAGE is a file (PNG, JPEG, BMP, WebP, 8-bit TIFF, GIF, or a .npy array of shape HxW, CxHxW or HxWxC: uint8 0-255,
 or floats in 0-1) or a folder, searched recursively for such files (at most --max-files, default 10,000). Each file
 is decoded by the same decoder as training folders and `serve` (sizes checked from its header first, at most
-64 Mpixel per image), then converted and resized to the model's input inside the model, exactly as in training.
+64 Mpixel per image; a JPEG of 2x the model's input or more decoded by draft, as in training), then converted and
+resized to the model's input inside the model, exactly as in training.
 
 Example:
   trainforge predict runs/x digit.png shirt.jpg --json
@@ -68,14 +69,15 @@ def check_file(path: Path) -> None:
         open_image(path).close()
 
 
-def read_image(path: str | Path, channels: int) -> torch.Tensor:
-    """A uint8 tensor [C, H, W] from an image or .npy file, or a DataError naming the file."""
+def read_image(path: str | Path, channels: int, size: int | None = None) -> torch.Tensor:
+    """A uint8 tensor [C, H, W] from an image or .npy file (an image for a model of input `size`: a large JPEG is
+    decoded by draft as in training), or a DataError naming the file."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such image file")
     if path.suffix.lower() == ".npy":
         return _read_npy(path)
-    return torch.from_numpy(decode_file(path, channels))
+    return torch.from_numpy(decode_file(path, channels, size=None if size is None else (size, size)))
 
 
 def _npy_header(path: Path) -> tuple[int, ...]:
@@ -131,7 +133,7 @@ def predict_files(run_dir: str | Path, files: list[str | Path], top_k: int = 1, 
     results = []
     with torch.inference_mode():
         for file in files:
-            image = read_image(file, channels)
+            image = read_image(file, channels, model.info.image_size)
             probs = torch.softmax(model(image.unsqueeze(0).to(device)).float(), dim=1)[0]
             conf, idx = probs.topk(min(top_k, len(probs)))
             entry = {"file": str(file), "label": model.classes[int(idx[0])], "confidence": float(conf[0])}

@@ -19,6 +19,15 @@ if TYPE_CHECKING:
     from .loading import DataBundle
 
 
+@dataclasses.dataclass
+class CachedRows:
+    """Training images too large to hold: rows `rows` of `images`, a memory-mapped decoded-image cache whose pages
+    the kernel reads in as batches need them and may drop again (they are file-backed)."""
+
+    images: torch.Tensor
+    rows: torch.Tensor
+
+
 def augment_seed(seed: int, epoch: int, step: int) -> int:
     """The seed of one batch's augmentation draws: a function of (seed, epoch, step) only, so that a resumed epoch
     sees the same draws; wrapped to 64 bits, the widest seed a generator takes."""
@@ -111,12 +120,16 @@ class DeviceLoader:
     Epoch `e` uses the permutation drawn from a generator seeded with (seed, e), so any epoch, and any step within
     it, can be reproduced after a restart without replaying the ones before. With `world_size > 1` each rank takes
     positions `rank::world_size` of every global batch, so N processes follow the schedule of one.
+
+    With `rows`, the images are rows `rows` of `images` (a memory-mapped decoded cache), which stay on the host:
+    each batch is gathered there and moved to the device.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, *, device: torch.device,
                  shuffle: bool = True, seed: int = 0, augment: str = "none", drop_last: bool = False,
-                 rank: int = 0, world_size: int = 1):
-        self.images = images.to(device, non_blocking=True).contiguous()
+                 rank: int = 0, world_size: int = 1, rows: torch.Tensor | None = None):
+        self.rows = rows
+        self.images = images if rows is not None else images.to(device, non_blocking=True).contiguous()
         self.labels = labels.to(device, non_blocking=True)
         self.batch_size = batch_size
         self.device = device
@@ -155,7 +168,10 @@ class DeviceLoader:
             if self.world_size > 1:
                 idx = idx[self.rank::self.world_size]
             # index_select is an order of magnitude faster than advanced indexing for a row gather on the CPU.
-            images = self.images.index_select(0, idx)
+            if self.rows is None:
+                images = self.images.index_select(0, idx)
+            else:
+                images = self.images.index_select(0, self.rows[idx.cpu()]).to(self.device, non_blocking=True)
             if self.augment != "none":
                 aug_gen.manual_seed(augment_seed(self.seed, self.epoch, step))
                 images = augment_batch(images, self.augment, aug_gen)
@@ -210,7 +226,11 @@ class _StreamingTrainLoader:
 
 def make_train_loader(bundle: DataBundle, batch_size: int, *, device: torch.device, seed: int, augment: str,
                       workers: int = 2, rank: int = 0, world_size: int = 1):
-    """The training batches of `bundle`: device-resident when it is in memory, streamed from disk otherwise."""
+    """The training batches of `bundle`: device-resident when it is in memory, gathered from the memory-mapped
+    decoded cache or decoded from disk otherwise."""
+    if isinstance(bundle.stream, CachedRows):
+        return DeviceLoader(bundle.stream.images, bundle.train.labels, batch_size, device=device, shuffle=True,
+                            seed=seed, augment=augment, rank=rank, world_size=world_size, rows=bundle.stream.rows)
     if bundle.stream is not None:
         return _StreamingTrainLoader(bundle.stream, batch_size, device=device, seed=seed, augment=augment,
                                      workers=workers, rank=rank, world_size=world_size)

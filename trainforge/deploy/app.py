@@ -69,9 +69,11 @@ class BadRequest(Exception):
 
 # --- decoding requests ---------------------------------------------------------------------------------------------
 
-def decode_images(files: list[tuple[str, bytes]], channels: int, limits: Limits) -> list[np.ndarray]:
-    """Each (name, bytes) image as uint8 [channels, H, W], decoded by the shared decoder once every header has been
-    read and the request's pixels counted; BadRequest (413/415/422) naming the first image refused."""
+def decode_images(files: list[tuple[str, bytes]], channels: int, limits: Limits,
+                  size: tuple[int, int] | None = None) -> list[np.ndarray]:
+    """Each (name, bytes) image as uint8 [channels, H, W], decoded by the shared decoder (for pixels resized to
+    `size`, as training's) once every header has been read and the request's pixels counted; BadRequest
+    (413/415/422) naming the first image refused."""
     opened = []
     try:
         with _refused_images():
@@ -82,7 +84,7 @@ def decode_images(files: list[tuple[str, bytes]], channels: int, limits: Limits)
                 if total > limits.max_pixels:
                     raise BadRequest(413, f"the request's images hold more than {limits.max_pixels:,} pixels in all "
                                           f"(the first {len(opened)} of {len(files)} hold {total:,})", "pixel_budget")
-            return [decode(image, channels, name) for image, (name, _) in zip(opened, files)]
+            return [decode(image, channels, name, size) for image, (name, _) in zip(opened, files)]
     finally:
         for image in opened:
             image.close()
@@ -294,7 +296,10 @@ def decode_body(body: bytes, content_type: str, predictor: Predictor, limits: Li
             raise BadRequest(422, "the multipart body holds no file; send the image as a file field")
     else:
         files = [("body", body)]
-    arrays = decode_images(files, info.in_channels, limits)
+    # A model that takes any size resizes inside itself, so a large JPEG may be decoded by draft as training's was;
+    # one that takes its own size only refuses others, and reports their size as sent.
+    size = (info.image_size, info.image_size) if predictor.any_size else None
+    arrays = decode_images(files, info.in_channels, limits, size)
     shapes: dict[tuple[int, ...], list[int]] = {}
     for i, array in enumerate(arrays):
         if not predictor.any_size and array.shape[1:] != (info.image_size, info.image_size):

@@ -32,7 +32,7 @@ from torch import nn
 from .. import config as cfg
 from .. import runs
 from ..config import option
-from ..data import DataBundle, ImageSet, eval_batches, load_data
+from ..data import BUILTIN_DATASETS, DataBundle, ImageSet, eval_batches, load_data
 from ..errors import ConfigError
 from ..models import Preprocess, count_params
 from ..models.registry import effective_width
@@ -143,8 +143,13 @@ def finetune(options: FinetuneConfig | dict[str, Any], train_options: dict[str, 
 
     options, config = _configs(options, train_options)
     cache = _resolve_cache(options, config)
+    # A folder is decoded at the size the network takes, not at its images' own: decoding a 500x375 photo at 224 px
+    # once costs less than keeping it whole and resizing it in every step of every epoch. Recorded, so that `eval`
+    # reads the same decoded images.
+    if data is None and config.data not in BUILTIN_DATASETS and not config.image_size:
+        config = dataclasses.replace(config, image_size=sources.input_size(options.source, config.model))
     bundle = data or load_data(config.data, config.data_dir, subset=config.subset, seed=config.seed,
-                               image_size=config.image_size, val_fraction=config.val_fraction)
+                               image_size=config.image_size, val_fraction=config.val_fraction, progress=progress)
     source = sources.load_source(options.source, bundle, model=config.model, progress=progress)
     if options.update and source.kind != "run":
         raise ConfigError(f"--update needs a run directory to update, and --from {options.source} is a {source.kind} "

@@ -70,6 +70,19 @@ def load_source(source: str, data: DataBundle, model: str | None = None, progres
                      f"pretrained model; pretrained models: {known}")
 
 
+def input_size(source: str, model: str | None = None) -> int | None:
+    """The input side `load_source(source, ..., model)` will expect, known before any data is loaded; None where
+    the weights take the data's own size (a weights file of an architecture of no fixed size)."""
+    path = Path(source)
+    if path.is_dir():
+        return runs.read_model_info(path).image_size
+    if path.suffix in WEIGHT_SUFFIXES or path.is_file():
+        return model_entry(model).image_size if model is not None else None
+    if source == "efficientnet_lite0" or source in TORCHVISION_MODELS:
+        return model_entry(source if source == "efficientnet_lite0" else f"tv_{source}").image_size
+    return None  # load_source names what is wrong with it
+
+
 def _from_run(run_dir: Path) -> Source:
     model = runs.load(run_dir)
     info = model.info

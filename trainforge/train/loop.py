@@ -23,7 +23,7 @@ from torch import nn
 from .. import config as cfg
 from .. import runs
 from ..data import DataBundle, eval_batches, load_data, make_train_loader
-from ..data.loaders import balanced_subset, holdout_split
+from ..data.loaders import CachedRows, balanced_subset, holdout_split
 from ..errors import ConfigError, TrainingError
 from ..hardware import memory
 from ..models import build_classifier
@@ -203,7 +203,8 @@ def setup(config: cfg.TrainConfig, data: DataBundle | None, hooks: Hooks, saved:
     configure_host_allocator()
     torch.manual_seed(config.seed)
     budget = memory.budget(config.memory_budget, device)
-    bundle, model, info, config = data_and_model(config, data, hooks, device, budget[0], world)
+    bundle, model, info, config = data_and_model(config, data, hooks, device, budget[0], world,
+                                                 progress=progress and rank == 0)
     precision = config.precision
     test_images, test_labels = bundle.test.images.to(device), bundle.test.labels.to(device)
     config, memory_plan, notes = _plan(config, bundle, model, device, precision, world, budget)
@@ -266,8 +267,8 @@ def _claim_run_dir(config: cfg.TrainConfig, info: runs.ModelInfo, rank: int,
 
 
 def data_and_model(config: cfg.TrainConfig, data: DataBundle | None, hooks: Hooks, device: torch.device,
-                   memory_budget: int | None = None,
-                   world: int = 1) -> tuple[DataBundle, nn.Module, runs.ModelInfo, cfg.TrainConfig]:
+                   memory_budget: int | None = None, world: int = 1,
+                   progress: bool = False) -> tuple[DataBundle, nn.Module, runs.ModelInfo, cfg.TrainConfig]:
     """The run's data (resident when it fits RESIDENT_SHARE of `memory_budget`), the model on `device` in its
     layout, how to rebuild it, and `config` with the layout and precision chosen for this model and device
     (recorded in the run, so that a re-run takes the same).
@@ -276,7 +277,7 @@ def data_and_model(config: cfg.TrainConfig, data: DataBundle | None, hooks: Hook
     built-in set stays 28 px uint8 in memory)."""
     bundle = data or load_data(config.data, config.data_dir, subset=config.subset, seed=config.seed,
                                image_size=config.image_size, val_fraction=config.val_fraction, loader=config.loader,
-                               memory_budget=memory_budget)
+                               memory_budget=memory_budget, progress=progress)
     if config.holdout:
         bundle = holdout_split(bundle, config.val_fraction, config.seed)
     model = hooks.model
@@ -302,7 +303,10 @@ def _plan(config: cfg.TrainConfig, bundle: DataBundle, model: nn.Module, device:
     filled in, and a line on each."""
     probe_images, probe_labels = bundle.test.images[:plan.PROBE_SIZES[-1]], bundle.test.labels[:plan.PROBE_SIZES[-1]]
     cost = plan.measure(model, probe_images, probe_labels, device, precision, eval_precision=config.eval_precision)
-    state, in_use, notes = plan.state_bytes(model, config.optimizer, config.momentum), memory.in_use_bytes(device), []
+    state, in_use = plan.state_bytes(model, config.optimizer, config.momentum), memory.in_use_bytes(device)
+    notes = [f"data: {bundle.note}"] if bundle.note else []
+    if device.type == "cuda" and bundle.stream is None:
+        in_use += bundle.train.images.numel()  # the loader moves them onto the GPU after planning
     if config.batch_size == "auto":
         if world > 1:
             raise ConfigError("--batch-size auto runs on one process; pass the size it chose there to --nproc runs")
@@ -320,11 +324,21 @@ def _plan(config: cfg.TrainConfig, bundle: DataBundle, model: nn.Module, device:
     memory_plan = plan.fit(cost, budget[0], budget[1], in_use, state, math.ceil(config.batch_size / world),
                            config.accumulate, config.eval_batch_size, device)
     streamed = bundle.stream is not None
-    notes.append(f"{memory_plan.describe()}; training images {'streamed from disk' if streamed else 'resident'}")
+    notes.append(f"{memory_plan.describe()}; training images {_residency(bundle)}")
     config = dataclasses.replace(config, accumulate=memory_plan.accumulate, eval_batch_size=memory_plan.eval_batch_size,
                                  memory_budget=f"{math.ceil(budget[0] / 2 ** 20)}M",
                                  loader="streaming" if streamed else "device")
     return config, memory_plan, notes
+
+
+def _residency(bundle: DataBundle) -> str:
+    """Where the training images live, and whether the plan counts them."""
+    if isinstance(bundle.stream, CachedRows):
+        return ("gathered batch by batch from the memory-mapped decoded cache (file-backed pages the kernel can "
+                "reclaim: not counted)")
+    if bundle.stream is not None:
+        return "decoded from disk batch by batch"
+    return "resident (counted)"
 
 
 def _faults(rank: int) -> dict[str, int]:
