@@ -22,8 +22,8 @@ Fashion-MNIST is read from trainforge's data roots ($TRAINFORGE_DATA, ~/.cache/t
                                       [--precision auto|32|bf16] [--compile] [--quick] [--json]
 
 --precision and --compile apply to all arms on a GPU (the plain loop then autocasts and compiles as timm's script
-does); on the CPU the plain loop stays fp32 unless --precision names bf16. --quick: tiny sizes, one row and
-one run, to prove the script. Prints a Markdown table for benchmarks/RESULTS.md (with --json, one JSON object as
+does); on the CPU the plain loop stays fp32 unless --precision names bf16. --quick: tiny sizes on MNIST (which
+ships with trainforge), one row and one run, to prove the script. Prints a Markdown table for benchmarks/RESULTS.md (with --json, one JSON object as
 the last line).
 """
 
@@ -55,6 +55,7 @@ class Row:
     image_size: int
     train_images: int
     test_images: int
+    data: str = "fashion-mnist"
 
 
 ROWS = {row.name: row for row in (
@@ -67,15 +68,16 @@ ROWS = {row.name: row for row in (
 
 
 def quick(row: Row) -> Row:
-    return dataclasses.replace(row, image_size=32, train_images=64, test_images=64)
+    # On MNIST, which ships inside trainforge: --quick proves the script on a fresh clone too.
+    return dataclasses.replace(row, image_size=32, train_images=64, test_images=64, data="mnist")
 
 
 def load_bundle(row: Row):
-    """Fashion-MNIST with the row's seeded, class-balanced training subset and test images."""
+    """The row's data set (Fashion-MNIST) with its seeded, class-balanced training subset and test images."""
     from trainforge.data import DataBundle, ImageSet, load_data
     from trainforge.data.loaders import balanced_subset
 
-    bundle = load_data("fashion-mnist", subset=row.train_images, seed=0)
+    bundle = load_data(row.data, subset=row.train_images, seed=0)
     test = bundle.test
     if row.test_images < len(test.labels):
         idx = balanced_subset(test.labels, row.test_images, seed=0)
@@ -118,7 +120,7 @@ def worker(args: argparse.Namespace) -> dict:
 
         options = {"source": source, "strategy": "full", "backbone_lr_mult": 1.0}
         weights_file = {"model": "tv_resnet18"} if source.endswith(".safetensors") else {}
-        result = finetune(options, {"data": "fashion-mnist", "image_size": row.image_size, "epochs": 1,
+        result = finetune(options, {"data": row.data, "image_size": row.image_size, "epochs": 1,
                                     "batch_size": BATCH, "lr": LR, "weight_decay": WEIGHT_DECAY,
                                     "schedule": "constant", "warmup": 0.0, "label_smoothing": 0.0,
                                     "device": args.device, "precision": args.precision, "compile": args.compile,

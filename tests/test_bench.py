@@ -213,11 +213,11 @@ def test_user_mistakes_raise_errors_that_name_the_value(tmp_path):
         bench("linear", devices=["cpu"], precisions=["fp16"])
 
 
-def test_training_records_monitoring_fields(measured_cache, tmp_path, monkeypatch, data_root):
+def test_training_records_monitoring_fields(measured_cache, tmp_path, monkeypatch):
     import trainforge
     from trainforge.data import load_data
 
-    bundle = load_data("mnist", str(data_root), subset=1024)
+    bundle = load_data("mnist", subset=1024)
     config = {"model": "linear", "epochs": 1, "batch_size": 256}
 
     monkeypatch.setenv("TRAINFORGE_CACHE", str(tmp_path / "empty"))

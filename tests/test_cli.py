@@ -12,6 +12,7 @@ from torchvision.io import encode_jpeg, write_png
 
 from conftest import run_cli
 from trainforge import cli
+from trainforge.data.sources import EMBEDDED_ROOT
 
 
 def last_json(stdout: str):
@@ -173,6 +174,19 @@ def test_datasets_reports_where_each_set_is_read_from(tmp_path):
     explicit = run_cli("datasets", "--json", "--no-verify", "--data-dir", str(tmp_path / "none"))
     rows = last_json(explicit.stdout)["datasets"]
     assert [row["available"] for row in rows] == [False, False] and str(tmp_path / "none") in rows[0]["problem"]
+    # An explicit root with MNIST, and MNIST's files under Fashion-MNIST's name: found there, and refused by
+    # Fashion-MNIST's checksums.
+    root = tmp_path / "root"
+    for name in ("mnist", "fashion-mnist"):
+        (root / name).mkdir(parents=True)
+        for file in (EMBEDDED_ROOT / "mnist").iterdir():
+            (root / name / file.name).symlink_to(file)
+    result = run_cli("datasets", "--json", "--data-dir", str(root))
+    mnist, fashion = last_json(result.stdout)["datasets"]
+    assert (mnist["name"], mnist["source"], mnist["verified"]) == ("mnist", "explicit", True)
+    assert (fashion["name"], fashion["source"], fashion["folder"]) == ("fashion-mnist", "explicit",
+                                                                       str(root / "fashion-mnist"))
+    assert fashion["verified"] is False and "checksum mismatch" in fashion["problem"]
 
 
 def _verb_invocations(tmp_path, trained_run, small_cnn_run, image) -> dict:

@@ -32,8 +32,8 @@ from trainforge.data.idx import parse_idx, read_idx, read_idx_bytes
 from trainforge.data.sources import BUILTIN_DATASETS, data_root, load_builtin
 from trainforge.errors import DataError
 
-# CI clones the repository with shared/ beside it.
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# The real MNIST files: the copy that ships inside the package (a fresh clone has no other).
+EMBEDDED_MNIST = sources.EMBEDDED_ROOT / "mnist"
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 
@@ -41,18 +41,19 @@ MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-image
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
 
 
-def require_shared_data() -> Path:
-    if not (SHARED_DATA / "mnist").is_dir() or not (SHARED_DATA / "fashion-mnist").is_dir():
-        pytest.fail(f"real data not found at {SHARED_DATA} (expected shared/data/ beside the repository, "
-                    "see shared/data/README.md)")
-    return SHARED_DATA
+def link_set(src: Path, dest: Path) -> None:
+    dest.mkdir(parents=True)
+    for file in src.iterdir():
+        (dest / file.name).symlink_to(file)
 
 
 @pytest.fixture
-def shared_data(monkeypatch: pytest.MonkeyPatch) -> Path:
-    """The real data sets, made the data root through TRAINFORGE_DATA."""
-    monkeypatch.setenv("TRAINFORGE_DATA", str(require_shared_data()))
-    return SHARED_DATA
+def mnist_root(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """A data root holding the real MNIST (links to the package's files), made the root through TRAINFORGE_DATA."""
+    root = tmp_path / "root"
+    link_set(EMBEDDED_MNIST, root / "mnist")
+    monkeypatch.setenv("TRAINFORGE_DATA", str(root))
+    return root
 
 
 @pytest.fixture(autouse=True)
@@ -125,8 +126,8 @@ def test_parse_idx_rejects_malformed_input(data: bytes, message: str) -> None:
     assert message in str(info.value)
 
 
-def test_read_idx_reports_file_problems(tmp_path: Path, shared_data: Path) -> None:
-    labels = (shared_data / "mnist" / "train-images-idx3-ubyte.gz").read_bytes()
+def test_read_idx_reports_file_problems(tmp_path: Path) -> None:
+    labels = (EMBEDDED_MNIST / "train-images-idx3-ubyte.gz").read_bytes()
     cases = {
         "truncated.gz": (labels[:100_000], "truncated gzip stream (expected 47040000 bytes of data for shape "
                                            "(60000, 28, 28), got "),
@@ -212,10 +213,10 @@ def test_data_root_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -
     assert data_root(tmp_path / "arg") == tmp_path / "arg"
 
 
-@pytest.mark.parametrize("name", ["mnist", "fashion-mnist"])
-def test_real_builtin_sets_load_and_verify(shared_data: Path, name: str, no_network: list[str]) -> None:
-    train, test = load_builtin(name)
-    info = BUILTIN_DATASETS[name]
+def test_real_mnist_loads_and_verifies_from_the_root(mnist_root: Path, no_network: list[str]) -> None:
+    assert sources.locate_builtin("mnist").folder == mnist_root / "mnist"
+    train, test = load_builtin("mnist")
+    info = BUILTIN_DATASETS["mnist"]
     for part, n in ((train, 60000), (test, 10000)):
         assert part.images.shape == (n, 1, 28, 28) and part.images.dtype == torch.uint8
         assert part.images.is_contiguous() and part.images.device.type == "cpu"
@@ -227,17 +228,30 @@ def test_real_builtin_sets_load_and_verify(shared_data: Path, name: str, no_netw
     assert no_network == []
 
 
+def test_fashion_mnist_is_verified_against_its_own_checksums(tmp_path: Path, no_network: list[str]) -> None:
+    """Fashion-MNIST's wiring, on MNIST's files put under its name: its checksums (not MNIST's) are required, and
+    what loads carries its class names. Its real content is the time-to-accuracy benchmark's business."""
+    link_set(EMBEDDED_MNIST, tmp_path / "fashion-mnist")
+    expected = BUILTIN_DATASETS["fashion-mnist"].sha256["train-images-idx3-ubyte"]
+    with pytest.raises(DataError, match=f"train-images-idx3-ubyte.gz: checksum mismatch .* expected {expected}"):
+        load_builtin("fashion-mnist", tmp_path, download=False)
+    train, test = load_builtin("fashion-mnist", tmp_path, download=False, verify=False)
+    assert train.images.shape == (60000, 1, 28, 28) and test.labels.shape == (10000,)
+    assert train.classes == test.classes == list(BUILTIN_DATASETS["fashion-mnist"].classes)
+    assert no_network == []
+
+
 def test_fashion_class_names() -> None:
     assert BUILTIN_DATASETS["fashion-mnist"].classes[0] == "T-shirt/top"
     assert BUILTIN_DATASETS["fashion-mnist"].classes[9] == "Ankle boot"
     assert BUILTIN_DATASETS["mnist"].classes == tuple("0123456789")
 
 
-def test_raw_files_load_and_verification_is_cached(shared_data: Path, tmp_path: Path,
+def test_raw_files_load_and_verification_is_cached(mnist_root: Path, tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "mnist").mkdir()
     for name in MNIST_FILES:
-        with gzip.open(shared_data / "mnist" / f"{name}.gz") as src:
+        with gzip.open(EMBEDDED_MNIST / f"{name}.gz") as src:
             (tmp_path / "mnist" / name).write_bytes(src.read())
     train, test = load_builtin("mnist", tmp_path, download=False)
     reference_train, _ = load_builtin("mnist", download=False)
@@ -261,8 +275,8 @@ def test_checksum_mismatch_names_the_file(tmp_path: Path) -> None:
         load_builtin("mnist", tmp_path, download=False)
 
 
-def test_real_file_with_one_changed_pixel_fails_verification(shared_data: Path, tmp_path: Path) -> None:
-    shutil.copytree(shared_data / "mnist", tmp_path / "mnist")
+def test_real_file_with_one_changed_pixel_fails_verification(tmp_path: Path) -> None:
+    shutil.copytree(EMBEDDED_MNIST, tmp_path / "mnist")
     target = tmp_path / "mnist" / "t10k-images-idx3-ubyte.gz"
     content = bytearray(gzip.decompress(target.read_bytes()))
     content[5000] ^= 1
@@ -306,11 +320,11 @@ def test_missing_files_offline_name_expected_paths(tmp_path: Path, no_network: l
     assert no_network == []
 
 
-def test_missing_files_download_fails_after_retries(tmp_path: Path, no_network: list[str], shared_data: Path,
+def test_missing_files_download_fails_after_retries(tmp_path: Path, no_network: list[str],
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     sleeps: list[float] = []
     monkeypatch.setattr(sources.time, "sleep", sleeps.append)
-    shutil.copytree(shared_data / "mnist", tmp_path / "mnist")
+    shutil.copytree(EMBEDDED_MNIST, tmp_path / "mnist")
     (tmp_path / "mnist" / "t10k-labels-idx1-ubyte.gz").unlink()
     with pytest.raises(DataError) as info:
         load_builtin("mnist", tmp_path)
@@ -342,20 +356,16 @@ def no_explicit_root(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     return tmp_path
 
 
-def link_set(src: Path, dest: Path) -> None:
-    dest.mkdir(parents=True)
-    for file in src.iterdir():
-        (dest / file.name).symlink_to(file)
-
-
-def test_without_a_root_and_offline_mnist_is_read_from_the_package(no_explicit_root: Path, shared_data: Path,
-                                                                    no_network: list[str],
-                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("TRAINFORGE_DATA")
+def test_without_a_root_and_offline_mnist_is_read_from_the_package(no_explicit_root: Path,
+                                                                    no_network: list[str]) -> None:
     located = sources.locate_builtin("mnist")
     assert located.kind == "embedded" and located.folder == sources.EMBEDDED_ROOT / "mnist"
     train, test = load_builtin("mnist")
-    reference_train, reference_test = load_builtin("mnist", shared_data)
+    # The same files decompressed into an explicit root: the in-place read of the .gz files gives the same tensors.
+    (no_explicit_root / "ref" / "mnist").mkdir(parents=True)
+    for name in MNIST_FILES:
+        (no_explicit_root / "ref" / "mnist" / name).write_bytes(read_idx_bytes(EMBEDDED_MNIST / f"{name}.gz"))
+    reference_train, reference_test = load_builtin("mnist", no_explicit_root / "ref")
     assert torch.equal(train.images, reference_train.images) and torch.equal(test.labels, reference_test.labels)
     # Read in place: nothing downloaded, nothing copied into the (empty) home.
     assert no_network == [] and not (no_explicit_root / "home").exists()
@@ -375,14 +385,15 @@ def test_a_corrupt_embedded_copy_is_a_checksum_error(no_explicit_root: Path,
         load_builtin("mnist")
 
 
-def test_search_order_cache_then_system_then_package(no_explicit_root: Path, shared_data: Path,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("TRAINFORGE_DATA")
-    link_set(shared_data / "fashion-mnist", no_explicit_root / "system" / "fashion-mnist")
-    link_set(shared_data / "mnist", no_explicit_root / "system" / "mnist")
+def test_search_order_cache_then_system_then_package(no_explicit_root: Path) -> None:
+    # Locating looks for the four files only (their content is checked when loaded), so MNIST's files stand in for
+    # Fashion-MNIST's here.
+    link_set(EMBEDDED_MNIST, no_explicit_root / "system" / "fashion-mnist")
+    assert sources.locate_builtin("mnist").kind == "embedded"
+    link_set(EMBEDDED_MNIST, no_explicit_root / "system" / "mnist")
     assert sources.locate_builtin("fashion-mnist").kind == "system"
     assert sources.locate_builtin("mnist").kind == "system"
-    link_set(shared_data / "mnist", no_explicit_root / "home" / ".cache" / "trainforge" / "mnist")
+    link_set(EMBEDDED_MNIST, no_explicit_root / "home" / ".cache" / "trainforge" / "mnist")
     located = sources.locate_builtin("mnist")
     assert located.kind == "cache" and located.folder == no_explicit_root / "home" / ".cache" / "trainforge" / "mnist"
 
@@ -425,7 +436,7 @@ def test_the_wheel_carries_the_embedded_mnist(tmp_path: Path) -> None:
 
 
 class FakeMirror:
-    """Serves the shared data's .gz files at the mirrors' URLs, failing as told; records what was asked."""
+    """Serves the package's MNIST .gz files at the mirrors' URLs, failing as told; records what was asked."""
 
     def __init__(self, dest: Path, failures: dict[str, list[object]]) -> None:
         self.dest = dest
@@ -443,18 +454,18 @@ class FakeMirror:
         action = plan.pop(0) if plan else None
         if isinstance(action, Exception):
             raise action
-        return io.BytesIO(action if isinstance(action, bytes) else (SHARED_DATA / "mnist" / name).read_bytes())
+        return io.BytesIO(action if isinstance(action, bytes) else (EMBEDDED_MNIST / name).read_bytes())
 
 
-def test_download_retries_checks_and_writes_atomically(tmp_path: Path, shared_data: Path,
+def test_download_retries_checks_and_writes_atomically(tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     info = BUILTIN_DATASETS["mnist"]
     primary, secondary = info.mirrors
-    # The shared files were recompressed, so their MD5 differs from the mirrors'; expect theirs in this test.
+    # The package's files were recompressed, so their MD5 differs from the mirrors'; expect theirs in this test.
     for name in MNIST_FILES:
-        served = (shared_data / "mnist" / f"{name}.gz").read_bytes()
+        served = (EMBEDDED_MNIST / f"{name}.gz").read_bytes()
         monkeypatch.setitem(info.md5, f"{name}.gz", hashlib.md5(served).hexdigest())
-    good_labels = (shared_data / "mnist" / "t10k-labels-idx1-ubyte.gz").read_bytes()
+    good_labels = (EMBEDDED_MNIST / "t10k-labels-idx1-ubyte.gz").read_bytes()
     mirror = FakeMirror(tmp_path / "mnist", {
         f"{primary}train-labels-idx1-ubyte.gz": [urllib.error.URLError("timed out"), TimeoutError("slow")],
         f"{primary}t10k-labels-idx1-ubyte.gz": [good_labels[:-100]],  # damaged in transit: next mirror at once
@@ -473,13 +484,13 @@ def test_download_retries_checks_and_writes_atomically(tmp_path: Path, shared_da
     assert sorted(p.name for p in (tmp_path / "mnist").iterdir()) == sorted(f"{n}.gz" for n in MNIST_FILES)
     for name in MNIST_FILES:
         downloaded = tmp_path / "mnist" / f"{name}.gz"
-        assert downloaded.read_bytes() == (shared_data / "mnist" / f"{name}.gz").read_bytes()
+        assert downloaded.read_bytes() == (EMBEDDED_MNIST / f"{name}.gz").read_bytes()
         assert downloaded.stat().st_mode & 0o777 == 0o644
 
 
-def test_download_with_wrong_content_leaves_nothing(tmp_path: Path, shared_data: Path,
+def test_download_with_wrong_content_leaves_nothing(tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    # Served as-is, the recompressed shared files fail the canonical MD5 check.
+    # Served as-is, the package's recompressed files fail the canonical MD5 check.
     mirror = FakeMirror(tmp_path / "mnist", {})
     monkeypatch.setattr(urllib.request, "urlopen", mirror)
     with pytest.raises(DataError, match="wrong content \\(MD5 c7dfcf1bfd3481a40f7b3aedbdbd083c, expected f68b3c2d"):
@@ -499,12 +510,10 @@ def test_download_with_wrong_content_leaves_nothing(tmp_path: Path, shared_data:
 # ---- image folders -------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def digits() -> dict[int, torch.Tensor]:
+def digits(mnist) -> dict[int, torch.Tensor]:
     """Four real MNIST test digits of each of the classes 0, 1 and 2, as uint8 [1, 28, 28]."""
-    root = require_shared_data()
-    images = read_idx(root / "mnist" / "t10k-images-idx3-ubyte.gz")[:200]
-    labels = read_idx(root / "mnist" / "t10k-labels-idx1-ubyte.gz")[:200]
-    return {c: torch.from_numpy(images[labels == c][:4].copy()).unsqueeze(1) for c in range(3)}
+    images, labels = mnist.test.images[:200], mnist.test.labels[:200]
+    return {c: images[labels == c][:4].clone() for c in range(3)}
 
 
 def write_class(root: Path, name: str, images: torch.Tensor) -> list[Path]:
@@ -693,11 +702,11 @@ def _digit_folder(root, mnist_set, per_class=12):
 
 
 @pytest.mark.parametrize("loader", ["device", "streaming"])
-def test_training_on_an_image_folder_resident_or_streamed(tmp_path, loader):
+def test_training_on_an_image_folder_resident_or_streamed(tmp_path, loader, mnist):
     import trainforge
     from trainforge.data import load_data
 
-    train, _ = load_builtin("mnist", SHARED_DATA)
+    train = mnist.train
     folder = _digit_folder(tmp_path / "digits", train)
     bundle = load_data(str(folder), val_fraction=0.25, loader=loader)
     assert (bundle.stream is not None) == (loader == "streaming")
@@ -711,10 +720,10 @@ def test_training_on_an_image_folder_resident_or_streamed(tmp_path, loader):
     assert model.classes == ["class0", "class1", "class2"]
 
 
-def test_folder_subset_larger_than_the_folder_is_an_error(tmp_path):
+def test_folder_subset_larger_than_the_folder_is_an_error(tmp_path, mnist):
     from trainforge.data import load_data
 
-    train, _ = load_builtin("mnist", SHARED_DATA)
+    train = mnist.train
     folder = _digit_folder(tmp_path / "digits", train, per_class=4)
     with pytest.raises(DataError, match="--subset 100 exceeds"):
         load_data(str(folder), subset=100)
@@ -739,13 +748,13 @@ def test_device_loader_epochs_are_seeded_permutations_that_resume_mid_epoch(mnis
     assert not torch.equal(next(iter(loader))[0], batches[0][0])
 
 
-def test_large_seeds_augment_a_streamed_folder(tmp_path):
+def test_large_seeds_augment_a_streamed_folder(tmp_path, mnist):
     """--seed up to 2**32 - 1 with --augment on a streamed folder: the per-batch augmentation seed is wrapped to the
     64 bits a generator takes (it overflowed manual_seed from about 1.9e8 on)."""
     from trainforge.data import load_data, make_train_loader
     from trainforge.data.loaders import augment_seed
 
-    train, _ = load_builtin("mnist", SHARED_DATA)
+    train = mnist.train
     bundle = load_data(str(_digit_folder(tmp_path / "digits", train, per_class=4)), loader="streaming",
                        val_fraction=0.25)
     seed = 2 ** 32 - 1

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import trainforge
-from trainforge.data import DataBundle, load_data
+from trainforge.data import DataBundle
 from trainforge.errors import ConfigError, DataError
 from trainforge.fewshot import encoders, fewshot, prototypes
 from trainforge.models import model_entry
@@ -20,11 +20,6 @@ from conftest import run_cli
 
 # The pool: test images per class the classifier is measured on (embedded once).
 POOL = 30
-
-
-@pytest.fixture(scope="module")
-def fashion(data_root) -> DataBundle:
-    return load_data("fashion-mnist", str(data_root))
 
 
 @pytest.fixture(scope="module")
@@ -114,57 +109,60 @@ def test_episodes_are_seeded_disjoint_and_batched_like_one_at_a_time(cnn_run, mn
         prototypes.sample_episodes(labels, 5, 1, 45, 1, seed=0, classes=mnist.classes)
 
 
-def test_add_keeps_old_prototypes_and_mean_bit_identical(cnn_run, mnist, fashion, tmp_path):
-    run_dir, before = cnn_run
-    out = fewshot({"source": str(run_dir), "add": True, "data": "fashion-mnist", "shots": [5], "pool": POOL,
-                   "out": str(tmp_path / "added")}, data=fashion, old_data=mnist, progress=False)
+def test_add_keeps_old_prototypes_and_mean_bit_identical(small_cnn_run, mnist_5_5, tmp_path):
+    old_task, new_task = mnist_5_5
+    run_dir = tmp_path / "digits-0-4"
+    before = fewshot({"source": str(small_cnn_run), "shots": [5], "pool": POOL, "out": str(run_dir)}, data=old_task,
+                     progress=False)
+    out = fewshot({"source": str(run_dir), "add": True, "shots": [5], "pool": POOL, "out": str(tmp_path / "added")},
+                  data=new_task, old_data=old_task, progress=False)
     old, new = trainforge.load(run_dir), trainforge.load(tmp_path / "added")
-    assert new.classes == old.classes + fashion.classes
-    assert torch.equal(new.net.head.linear.weight[:10], old.net.head.linear.weight)
-    assert torch.equal(new.net.head.linear.bias[:10], old.net.head.linear.bias)
+    assert new.classes == old.classes + new_task.classes == [str(d) for d in range(10)]
+    assert torch.equal(new.net.head.linear.weight[:5], old.net.head.linear.weight)
+    assert torch.equal(new.net.head.linear.bias[:5], old.net.head.linear.bias)
     assert torch.equal(new.net.head.mean, old.net.head.mean)
     assert all(torch.equal(v, new.net.encoder.state_dict()[k]) for k, v in old.net.encoder.state_dict().items())
-    assert out["added_classes"] == 10 and out["old_test_samples"] == POOL * 10
-    assert out["old_acc_before"] == pytest.approx(before["test_acc"], abs=1.5 / (POOL * 10))
-    images, labels = _pool(mnist)
+    assert out["added_classes"] == 5 and out["old_test_samples"] == POOL * 5
+    assert out["old_acc_before"] == pytest.approx(before["test_acc"], abs=1.5 / (POOL * 5))
+    images, labels = _pool(old_task)
     with torch.inference_mode():
         assert out["old_acc_after"] == pytest.approx((new(images).argmax(1) == labels).double().mean().item(),
                                                      abs=1.5 / len(labels))
-    assert new.info.extra["fewshot"]["data"] == ["mnist", "fashion-mnist"]
+    assert new.info.extra["fewshot"]["data"] == ["mnist-0-4", "mnist-5-9"]
     with pytest.raises(ConfigError, match="--add extends a run made by `trainforge fewshot`"):
-        fewshot({"source": "efficientnet_lite0", "add": True, "out": str(tmp_path / "x")}, data=fashion)
+        fewshot({"source": "efficientnet_lite0", "add": True, "out": str(tmp_path / "x")}, data=new_task)
 
 
-def test_adapt_fits_the_rows_and_lora_merges_into_the_same_architecture(cnn_run, small_cnn_run, fashion,
+def test_adapt_fits_the_rows_and_lora_merges_into_the_same_architecture(cnn_run, small_cnn_run, mnist_5_5,
                                                                        tmp_path):
     from trainforge.serve import load_predictor
 
+    new_task = mnist_5_5[1]
     base = trainforge.load(cnn_run[0])
-    head = fewshot({"source": str(small_cnn_run), "data": "fashion-mnist", "shots": [5], "pool": POOL,
-                    "adapt": True, "out": str(tmp_path / "head")}, data=fashion, progress=False)
+    head = fewshot({"source": str(small_cnn_run), "shots": [5], "pool": POOL, "adapt": True,
+                    "out": str(tmp_path / "head")}, data=new_task, progress=False)
     adapted = trainforge.load(tmp_path / "head")
     assert head["adapt"]["loss_after"] < head["adapt"]["loss_before"]
     assert all(torch.equal(v, adapted.net.encoder.state_dict()[k]) for k, v in base.net.encoder.state_dict().items())
-    lora = fewshot({"source": str(small_cnn_run), "data": "fashion-mnist", "shots": [5], "pool": POOL,
-                    "adapt": True, "adapt_steps": 5, "lora_rank": 2, "out": str(tmp_path / "lora")}, data=fashion,
-                   progress=False)
+    lora = fewshot({"source": str(small_cnn_run), "shots": [5], "pool": POOL, "adapt": True, "adapt_steps": 5,
+                    "lora_rank": 2, "out": str(tmp_path / "lora")}, data=new_task, progress=False)
     merged = trainforge.load(tmp_path / "lora")  # strict loading: the adapters are gone, merged into the weights
     assert not torch.equal(merged.net.encoder[0][0].weight, base.net.encoder[0][0].weight)
     assert torch.equal(merged.net.head.mean, adapted.net.head.mean)  # the centring mean stays frozen
     assert lora["adapt"]["lora_rank"] == 2
-    images, _ = _pool(fashion)
+    images, _ = _pool(new_task)
     served = load_predictor(tmp_path / "lora", backend="torch")  # what `serve RUN_DIR` runs
     with torch.inference_mode():
         assert np.array_equal(served.predict(images[:64].numpy()).argmax(1), merged(images[:64]).argmax(1).numpy())
 
 
-def test_cli_fewshot_json_with_episodes_then_eval_and_report(small_cnn_run, fashion, tmp_path, capsys):
+def test_cli_fewshot_json_with_episodes_then_eval_and_report(small_cnn_run, mnist, tmp_path, capsys):
     from trainforge.cli import main
     from trainforge.eval import evaluate_run
     from trainforge.report import write_report
 
     out = tmp_path / "cli"
-    done = run_cli("fewshot", "--from", str(small_cnn_run), "--data", "fashion-mnist", "--shots", "1", "5",
+    done = run_cli("fewshot", "--from", str(small_cnn_run), "--data", "mnist", "--shots", "1", "5",
                    "--episodes", "50", "--ways", "5", "--pool", "20", "--out", str(out), "--json")
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout.strip().splitlines()[-1])
@@ -174,7 +172,7 @@ def test_cli_fewshot_json_with_episodes_then_eval_and_report(small_cnn_run, fash
         assert 0.2 < e["simpleshot"]["mean"] <= 1 and 0 < e["simpleshot"]["ci95"] < 0.1  # 5-way: chance is 0.2
     assert summary["episodes"][1]["simpleshot"]["mean"] > summary["episodes"][0]["simpleshot"]["mean"]
     evaluated = evaluate_run(out)
-    assert evaluated["test_samples"] == len(fashion.test.labels)
+    assert evaluated["test_samples"] == len(mnist.test.labels)
     assert evaluated["test_acc"] == pytest.approx(summary["test_acc"], abs=0.06)  # 200 pooled images vs 10,000
     report = write_report([out], tmp_path / "report.html", batch_size=5000, worst=4)
     assert "Few-shot accuracy against shots per class" in (tmp_path / "report.html").read_text()

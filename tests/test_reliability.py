@@ -45,9 +45,9 @@ def small_config(out: Path, **extra) -> dict:
 
 
 @pytest.fixture(scope="module")
-def small(data_root):
+def small():
     """The 600-image MNIST subset small_config trains on, loaded once: 10 steps an epoch at batch size 60."""
-    return load_data("mnist", str(data_root), subset=600, seed=0)
+    return load_data("mnist", subset=600, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -630,10 +630,10 @@ def test_config_files_with_wrong_types_unknown_keys_or_hostile_yaml_name_the_fil
     assert len(str(info.value)) < 1000
 
 
-def test_data_files_with_wrong_magic_or_size_name_the_file(tmp_path, data_root, capsys):
+def test_data_files_with_wrong_magic_or_size_name_the_file(tmp_path, capsys):
     root = tmp_path / "data"
     (root / "mnist").mkdir(parents=True)
-    for path in (data_root / "mnist").iterdir():
+    for path in (sources.EMBEDDED_ROOT / "mnist").iterdir():
         (root / "mnist" / path.name).write_bytes(path.read_bytes())
     labels = next((root / "mnist").glob("train-labels-idx1-ubyte*"))
     for broken, message in ((b"\x12\x34\x08\x01\x00\x00\x00\x02\x01\x02", "not an IDX file"),
