@@ -398,8 +398,10 @@ def test_files_are_written_only_through_atomic_writes():
     anywhere else in the package fails it."""
     import ast
 
-    # Functions that write through a temporary file and os.replace themselves, and the lock, rewritten in place.
-    allowed = {("runs.py", "atomic_open"), ("data/sources.py", "_fetch"), ("runs.py", "acquire_lock")}
+    # Functions that write through a temporary file and os.replace themselves, and the locks, rewritten in place.
+    # The decoded-image cache fills its temporary file from several processes (mapped), then renames it itself.
+    allowed = {("runs.py", "atomic_open"), ("data/sources.py", "_fetch"), ("runs.py", "acquire_lock"),
+               ("data/cache.py", "decode_folder"), ("data/cache.py", "_allocate"), ("data/cache.py", "_publish")}
     package, found = REPO / "trainforge", []
     for path in sorted(package.rglob("*.py")):
         name = path.relative_to(package).as_posix()
