@@ -45,9 +45,9 @@ def small_config(out: Path, **extra) -> dict:
 
 
 @pytest.fixture(scope="module")
-def small(data_root):
+def small():
     """The 600-image MNIST subset small_config trains on, loaded once: 10 steps an epoch at batch size 60."""
-    return load_data("mnist", str(data_root), subset=600, seed=0)
+    return load_data("mnist", subset=600, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -239,6 +239,7 @@ def fork_server(tmp_path):
     server.close()
 
 
+@pytest.mark.checkpoints
 def test_sigkill_at_random_points_then_resume_matches_an_uninterrupted_run(tmp_path, fork_server):
     """Six kills: mid-training, mid-checkpoint, at epoch-end writes and during the final write; each resume
     continues, and the result is bit-for-bit that of a run never killed."""
@@ -294,6 +295,7 @@ def test_sigkill_at_random_points_then_resume_matches_an_uninterrupted_run(tmp_p
     assert not list(run.glob(".*.tmp")), "a resumed run clears the temporaries of killed writes"
 
 
+@pytest.mark.checkpoints
 def test_checkpoint_minutes_checkpoints_by_time(tmp_path, small):
     calls = []
 
@@ -310,6 +312,7 @@ def test_checkpoint_minutes_checkpoints_by_time(tmp_path, small):
     assert checkpoint_step(tmp_path / "m") == 4
 
 
+@pytest.mark.checkpoints
 def test_stale_temporaries_are_removed_and_nothing_else(tmp_path):
     (tmp_path / ".state.pt.abc123.tmp").write_bytes(b"half a checkpoint")
     (tmp_path / "state.pt").write_bytes(b"keep")
@@ -319,6 +322,7 @@ def test_stale_temporaries_are_removed_and_nothing_else(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.tmp", "state.pt"]
 
 
+@pytest.mark.checkpoints
 def test_write_delay_hook_rejects_a_non_number(tmp_path, monkeypatch):
     monkeypatch.setenv(runs.WRITE_DELAY_ENV, "soon")
     with pytest.raises(CheckpointError, match="TRAINFORGE_TEST_WRITE_DELAY: expected a number of seconds"):
@@ -350,6 +354,7 @@ class DiskFault:
         return self.original(*args, **kwargs)
 
 
+@pytest.mark.checkpoints
 @pytest.mark.parametrize("stage,code", [("mkstemp", errno.EROFS), ("fsync", errno.ENOSPC), ("replace", errno.EIO)])
 def test_a_failing_disk_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, small, stage, code):
     run = tmp_path / "run"
@@ -364,6 +369,7 @@ def test_a_failing_disk_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pat
     assert not list(run.glob(".*.tmp")), "a failed write leaves no temporary behind"
 
 
+@pytest.mark.checkpoints
 def test_a_full_disk_is_one_line_in_the_cli_and_resume_loses_nothing(tmp_path, monkeypatch, capsys, small):
     run = tmp_path / "run"
     args = ("train", "--model", "linear", "--subset", "600", "--batch-size", "60", "--epochs", "1",
@@ -379,6 +385,7 @@ def test_a_full_disk_is_one_line_in_the_cli_and_resume_loses_nothing(tmp_path, m
     assert resumed["test_acc"] == whole.test_acc and resumed["steps"] == whole.steps == 10
 
 
+@pytest.mark.checkpoints
 def test_an_unwritable_run_directory_is_a_clear_error(tmp_path, monkeypatch, capsys):
     # We run as root, where permissions do not stop writes: a read-only file system is simulated at mkstemp.
     def read_only(*args, **kwargs):
@@ -406,6 +413,7 @@ class PoisonGradients:
         return torch.nn.functional.cross_entropy(logits, labels)
 
 
+@pytest.mark.checkpoints
 def test_nonfinite_gradients_with_a_finite_loss_are_caught(tmp_path, small):
     with pytest.raises(TrainingError, match=r"NaN/Inf at step 6; last good checkpoint: .*state.pt \(step 4\)"):
         trainforge.train(small_config(tmp_path / "g", checkpoint_every=2), data=small,
@@ -421,6 +429,7 @@ def test_nonfinite_gradients_with_a_finite_loss_are_caught(tmp_path, small):
     assert skipped.nonfinite_skips == 1 and skipped.steps == 10 and 0.5 < skipped.test_acc <= 1
 
 
+@pytest.mark.checkpoints
 def test_inf_loss_is_caught_like_nan(tmp_path, small):
     calls = []
 
@@ -464,12 +473,14 @@ def malicious_files(tmp_path: Path) -> tuple[Path, list[Path]]:
     return marker, [raw, zipped, named]
 
 
+@pytest.mark.checkpoints
 def test_the_malicious_pickle_would_run_code_with_plain_pickle(tmp_path):
     marker, (raw, _, _) = malicious_files(tmp_path)
     pickle.loads(raw.read_bytes())  # proves the test file is live: plain pickle runs the command
     assert marker.exists()
 
 
+@pytest.mark.checkpoints
 def test_malicious_pickles_are_refused_without_running_code(tmp_path):
     marker, files = malicious_files(tmp_path)
     raw, zipped, named = files
@@ -483,6 +494,7 @@ def test_malicious_pickles_are_refused_without_running_code(tmp_path):
     assert not marker.exists(), "unpickling ran the payload"
 
 
+@pytest.mark.checkpoints
 def test_malicious_checkpoints_are_refused_through_the_cli(tmp_path, small_run, capsys):
     marker, (_, zipped, named) = malicious_files(tmp_path)
     run = tmp_path / "run"
@@ -498,6 +510,7 @@ def test_malicious_checkpoints_are_refused_through_the_cli(tmp_path, small_run, 
     assert not marker.exists()
 
 
+@pytest.mark.checkpoints
 @pytest.mark.parametrize("verb", ["eval", "predict", "finetune", "fewshot", "compress", "export", "serve", "report"])
 def test_every_verb_that_reads_a_run_refuses_malicious_weights(tmp_path, small_run, capsys, verb):
     if verb not in cli.VERBS:
@@ -533,6 +546,7 @@ def run_copy(tmp_path, small_run) -> Path:
     return run
 
 
+@pytest.mark.checkpoints
 def test_truncated_and_corrupt_checkpoints_name_the_file(run_copy, capsys):
     state, weights = run_copy / runs.STATE_FILE, run_copy / runs.MODEL_FILE
     good_state, good_weights = state.read_bytes(), weights.read_bytes()
@@ -549,6 +563,7 @@ def test_truncated_and_corrupt_checkpoints_name_the_file(run_copy, capsys):
         assert_one_line_error(status, err, f"{weights}: not a valid safetensors file")
 
 
+@pytest.mark.checkpoints
 @pytest.mark.parametrize("mutate,why", [
     (lambda s: [], "expected a mapping"),
     (lambda s: {k: v for k, v in s.items() if k != "metrics"}, "'metrics' is missing"),
@@ -566,6 +581,7 @@ def test_checkpoints_of_the_wrong_layout_are_refused(run_copy, mutate, why):
         trainforge.train(resume=run_copy, progress=False)
 
 
+@pytest.mark.checkpoints
 def test_weights_that_do_not_fit_the_model_are_refused(run_copy, capsys):
     weights = runs.load_weights(run_copy / runs.MODEL_FILE)
     runs.save_weights(run_copy / runs.MODEL_FILE, {**weights, "extra.bias": torch.zeros(3)})
@@ -597,10 +613,10 @@ def test_config_files_with_wrong_types_unknown_keys_or_hostile_yaml_name_the_fil
     assert len(str(info.value)) < 1000
 
 
-def test_data_files_with_wrong_magic_or_size_name_the_file(tmp_path, data_root, capsys):
+def test_data_files_with_wrong_magic_or_size_name_the_file(tmp_path, capsys):
     root = tmp_path / "data"
     (root / "mnist").mkdir(parents=True)
-    for path in (data_root / "mnist").iterdir():
+    for path in (sources.EMBEDDED_ROOT / "mnist").iterdir():
         (root / "mnist" / path.name).write_bytes(path.read_bytes())
     labels = next((root / "mnist").glob("train-labels-idx1-ubyte*"))
     for broken, message in ((b"\x12\x34\x08\x01\x00\x00\x00\x02\x01\x02", "not an IDX file"),
@@ -664,6 +680,7 @@ def _fuzz_load(directory: Path, data: bytes, suffix: str) -> None:
                 check_state(state, path)
 
 
+@pytest.mark.checkpoints
 @FUZZ
 @given(data=st.binary(max_size=300), suffix=st.sampled_from([".pt", ".safetensors"]))
 def test_fuzz_checkpoint_loaders_with_random_bytes(fuzz_dir, data, suffix):
@@ -704,6 +721,7 @@ def mutated_checkpoints(draw: st.DrawFn) -> tuple[bytes, str]:
     return bytes(data), suffix
 
 
+@pytest.mark.checkpoints
 @FUZZ
 @given(case=mutated_checkpoints())
 def test_fuzz_checkpoint_loaders_with_mutated_files(fuzz_dir, case):

@@ -19,6 +19,8 @@ from trainforge import runs
 from trainforge.errors import CheckpointError, ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
+# Every test here is one of those `mutmut run` measures (pyproject.toml, [tool.mutmut]).
+pytestmark = pytest.mark.checkpoints
 
 
 def hold_lock_then(run_dir: Path, action: str) -> subprocess.Popen:
