@@ -253,3 +253,76 @@ def test_sigkill_before_the_first_checkpoint_then_resume_matches_an_uninterrupte
     got, want = (json.loads(r.stdout.splitlines()[-1]) for r in (resumed, whole))
     assert (got["test_acc"], got["test_loss"], got["train_loss"]) == (want["test_acc"], want["test_loss"],
                                                                     want["train_loss"])
+
+
+# ---- what mutation testing (mutmut, docs/RELIABILITY.md) found untested --------------------------------------------
+
+def test_overwrite_removes_the_runs_tensorboard_logs_too(tmp_path):
+    (tmp_path / runs.MODEL_FILE).write_bytes(b"weights")
+    (tmp_path / "tensorboard" / "train").mkdir(parents=True)
+    (tmp_path / "tensorboard" / "train" / "events.out").write_bytes(b"old curves")
+    runs.prepare_run_dir(tmp_path, overwrite=True).release()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_default_run_dir_is_the_time_with_a_suffix_when_taken(tmp_path, monkeypatch):
+    import datetime
+
+    class Frozen(datetime.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return cls(2026, 1, 2, 3, 4, 5)
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(datetime, "datetime", Frozen)
+    made = []
+    for _ in range(3):
+        made.append(runs.default_run_dir())
+        made[-1].mkdir(parents=True)
+    assert made == [Path("runs/20260102-030405"), Path("runs/20260102-030405-1"), Path("runs/20260102-030405-2")]
+
+
+@pytest.fixture(scope="module")
+def folder_holdout_run(tmp_path_factory, mnist_png_folder) -> Path:
+    """A linear model trained one epoch on 100 of the 200 digits of a PNG folder without val/ (so --val-fraction
+    and --seed choose its test images), resized to 16 px, 40% of the 100 held out for validation."""
+    import trainforge
+
+    out = tmp_path_factory.mktemp("runs") / "folder_holdout"
+    trainforge.train({"model": "linear", "data": str(mnist_png_folder / "train"), "subset": 100, "holdout": True,
+                      "val_fraction": 0.4, "image_size": 16, "seed": 3, "epochs": 1, "batch_size": 20,
+                      "out": str(out), "tensorboard": False}, progress=False)
+    return out
+
+
+def test_load_run_data_splits_a_folder_as_the_run_did(folder_holdout_run):
+    from trainforge.eval import evaluate_run
+
+    data = runs.load_run_data(folder_holdout_run)
+    # 200 files: 80 test (--val-fraction 0.4), 120 to train from, --subset 100 of them, 40 of those held out.
+    assert (len(data.dataset.train.labels), len(data.test.labels)) == (120, 80)
+    assert (len(data.train.labels), len(data.val.labels)) == (60, 40) and data.evaluation is data.val
+    assert data.train.images.shape[1:] == (1, 16, 16) and data.val.classes == data.dataset.classes
+    # The held-out images the run reported on are these: its model scores on them what it reported.
+    summary = json.loads((folder_holdout_run / runs.SUMMARY_FILE).read_text())
+    result = evaluate_run(folder_holdout_run, split="val", device="cpu")
+    assert result["test_samples"] == 40 and result["test_acc"] == summary["test_acc"]
+    assert result["test_loss"] == pytest.approx(summary["test_loss"], rel=1e-5)
+
+
+def test_load_run_data_reads_the_data_root_given_else_the_runs_own(holdout_run, trained_run, tmp_path, mnist):
+    from trainforge.errors import DataError
+
+    with pytest.raises(DataError, match=f"missing {tmp_path / 'empty' / 'mnist'}"):
+        runs.load_run_data(holdout_run, str(tmp_path / "empty"))
+    moved = tmp_path / "moved"
+    shutil.copytree(holdout_run, moved)
+    config = (moved / runs.CONFIG_FILE).read_text()
+    assert "data_dir: null" in config
+    (moved / runs.CONFIG_FILE).write_text(config.replace("data_dir: null", f"data_dir: {tmp_path / 'gone'}"))
+    with pytest.raises(DataError, match=f"missing {tmp_path / 'gone' / 'mnist'}"):
+        runs.load_run_data(moved)
+    whole = runs.load_run_data(trained_run)  # no --subset, no --holdout: every training image, the test split
+    assert whole.val is None and whole.evaluation is whole.test and whole.train is whole.dataset.train
+    assert len(whole.train.labels) == len(mnist.train.labels)
+    assert runs.load_run_data(holdout_run).train.classes == mnist.classes
