@@ -3,6 +3,7 @@ directory written by an earlier trainforge (tests/fixtures/legacy_run) that stil
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -83,11 +84,11 @@ GOOD = dict(model="linear", num_classes=2, classes=["a", "b"], in_channels=1, im
     (dict(mean=[float("nan")]), "'mean' must list 1 to 3 finite numbers"),
     (dict(evil=1), "unknown field(s) 'evil'"),
 ])
-def test_hostile_model_descriptions_name_the_field(trained_run, tmp_path, change, field):
+def test_hostile_model_descriptions_name_the_field(holdout_run, tmp_path, change, field):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     for name in (runs.MODEL_FILE, runs.CONFIG_FILE):
-        (run_dir / name).write_bytes((trained_run / name).read_bytes())
+        (run_dir / name).write_bytes((holdout_run / name).read_bytes())
     (run_dir / runs.MODEL_INFO).write_text(json.dumps({**GOOD, **change}))
     with pytest.raises(CheckpointError, match=f"^{run_dir / runs.MODEL_INFO}: malformed model description"):
         runs.load(run_dir)
@@ -96,9 +97,9 @@ def test_hostile_model_descriptions_name_the_field(trained_run, tmp_path, change
     assert field in str(info.value)
 
 
-def test_the_model_descriptions_trainforge_writes_pass_the_bounds(trained_run):
-    info = runs.read_model_info(trained_run)
-    assert info.image_size == 28 and info.num_classes == 10 and runs.load(trained_run).classes == info.classes
+def test_the_model_descriptions_trainforge_writes_pass_the_bounds(holdout_run):
+    info = runs.read_model_info(holdout_run)
+    assert info.image_size == 28 and info.num_classes == 10 and runs.load(holdout_run).classes == info.classes
 
 
 FIXTURE = Path(__file__).parent / "fixtures" / "legacy_run"
@@ -207,9 +208,9 @@ def _wait_for(predicate, what: str, timeout: float = 120) -> None:
         time.sleep(0.02)
 
 
-def test_out_on_a_finished_run_refuses_overwrite_replaces_and_config_reruns_elsewhere(trained_run, tmp_path):
+def test_out_on_a_finished_run_refuses_overwrite_replaces_and_config_reruns_elsewhere(holdout_run, tmp_path):
     run_dir = tmp_path / "run"
-    shutil.copytree(trained_run, run_dir)
+    shutil.copytree(holdout_run, run_dir)
     before = (run_dir / runs.METRICS_FILE).read_text()
     refused = run_cli(*_train_argv(run_dir, "--seed", "5"))
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1
@@ -310,19 +311,47 @@ def test_load_run_data_splits_a_folder_as_the_run_did(folder_holdout_run):
     assert result["test_loss"] == pytest.approx(summary["test_loss"], rel=1e-5)
 
 
-def test_load_run_data_reads_the_data_root_given_else_the_runs_own(holdout_run, trained_run, tmp_path, mnist):
+def _with_config(run_dir: Path, directory: Path, **changes) -> Path:
+    """A run directory holding only `run_dir`'s config.yaml with `changes`: all that load_run_data reads."""
+    from trainforge import config as cfg
+
+    saved = cfg.load_file(cfg.TrainConfig, run_dir / runs.CONFIG_FILE)
+    directory.mkdir()
+    (directory / runs.CONFIG_FILE).write_text(cfg.dumps(dataclasses.replace(saved, **changes)))
+    return directory
+
+
+def test_load_run_data_reads_the_data_root_given_else_the_runs_own(holdout_run, tmp_path, mnist):
     from trainforge.errors import DataError
 
     with pytest.raises(DataError, match=f"missing {tmp_path / 'empty' / 'mnist'}"):
         runs.load_run_data(holdout_run, str(tmp_path / "empty"))
-    moved = tmp_path / "moved"
-    shutil.copytree(holdout_run, moved)
-    config = (moved / runs.CONFIG_FILE).read_text()
-    assert "data_dir: null" in config
-    (moved / runs.CONFIG_FILE).write_text(config.replace("data_dir: null", f"data_dir: {tmp_path / 'gone'}"))
+    moved = _with_config(holdout_run, tmp_path / "moved", data_dir=str(tmp_path / "gone"))
     with pytest.raises(DataError, match=f"missing {tmp_path / 'gone' / 'mnist'}"):
         runs.load_run_data(moved)
-    whole = runs.load_run_data(trained_run)  # no --subset, no --holdout: every training image, the test split
+    assert runs.load_run_data(holdout_run).train.classes == mnist.classes
+    # Without --subset and --holdout: every training image, evaluated on the test split.
+    whole = runs.load_run_data(_with_config(holdout_run, tmp_path / "whole", subset=None, holdout=False))
     assert whole.val is None and whole.evaluation is whole.test and whole.train is whole.dataset.train
     assert len(whole.train.labels) == len(mnist.train.labels)
-    assert runs.load_run_data(holdout_run).train.classes == mnist.classes
+
+
+@pytest.mark.parametrize("values, why", [
+    ([GOOD], "expected a JSON object, found list"),
+    ({k: v for k, v in GOOD.items() if k not in ("mean", "std")}, "missing field(s) 'mean', 'std'"),
+    ({**GOOD, **{f"x{i}": 1 for i in range(6)}}, "unknown field(s) 'x0', 'x1', 'x2', 'x3', 'x4'"),
+])
+def test_model_descriptions_that_are_no_object_or_lack_fields_say_which(values, why):
+    with pytest.raises(CheckpointError) as info:
+        runs.ModelInfo.from_values(values, "m.json")
+    assert str(info.value) == f"m.json: malformed model description ({why})"
+
+
+def test_a_run_of_a_model_with_a_width_loads_at_that_width(tmp_path):
+    info = runs.ModelInfo(**{**GOOD, "model": "cnn", "width": 4})
+    model = runs.build_model(info)
+    runs.save_weights(tmp_path / runs.MODEL_FILE, model.state_dict())
+    runs.write_json(tmp_path / runs.MODEL_INFO, dataclasses.asdict(info))
+    loaded = runs.load(tmp_path)
+    assert loaded.info == info and not loaded.training
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
