@@ -348,8 +348,10 @@ def test_model_descriptions_that_are_no_object_or_lack_fields_say_which(values, 
 
 
 def test_a_run_of_a_model_with_a_width_loads_at_that_width(tmp_path):
+    from trainforge.models import build_classifier
+
     info = runs.ModelInfo(**{**GOOD, "model": "cnn", "width": 4})
-    model = runs.build_model(info)
+    model = build_classifier("cnn", 2, 1, 28, (0.1,), (0.3,), width=4)
     runs.save_weights(tmp_path / runs.MODEL_FILE, model.state_dict())
     runs.write_json(tmp_path / runs.MODEL_INFO, dataclasses.asdict(info))
     loaded = runs.load(tmp_path)
