@@ -12,6 +12,7 @@ import json
 import os
 import pickle
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -818,3 +819,128 @@ def test_large_seeds_train_with_augmentation(tmp_path, small):
     result = trainforge.train(small_config(tmp_path / "s", seed=2 ** 32 - 1, augment="flip-translate"), data=small,
                               progress=False)
     assert result.steps == 10
+
+
+# ---- what mutation testing (mutmut, docs/RELIABILITY.md) found untested in train/checkpoint.py ------------------
+
+@pytest.mark.checkpoints
+def test_checkpoints_fall_due_by_steps_and_by_rank0s_clock(monkeypatch):
+    from trainforge.train import checkpoint
+
+    clock = [1000.0]
+    monkeypatch.setattr(checkpoint.time, "monotonic", lambda: clock[0])
+    config = cfg.TrainConfig(checkpoint_every=5, checkpoint_minutes=2)
+    alone = checkpoint.Checkpointer(Path("r"), config, True)
+    in_a_job = checkpoint.Checkpointer(Path("r"), config, True, world=2)
+    assert [s for s in range(1, 21) if alone.due(s)] == [5, 10, 15, 20]
+    clock[0] += 119.9
+    assert not alone.due(3) and not in_a_job.due(8)
+    clock[0] += 0.1
+    assert alone.due(3) and alone.due(7)
+    # In a job the clock is looked at every TIME_CHECK_STEPS steps only, so that all processes look together.
+    assert [s for s in range(1, 20) if in_a_job.due(s)] == [5, 8, 10, 15, 16]
+    assert not checkpoint.Checkpointer(Path("r"), cfg.TrainConfig(checkpoint_minutes=None), True).due(10 ** 6)
+
+
+@pytest.mark.checkpoints
+def test_a_checkpoint_holds_the_layout_resume_reads(small_run):
+    from trainforge.train import checkpoint
+
+    state = runs.safe_torch_load(small_run / runs.STATE_FILE)
+    assert set(state) == {"format", "model", "optimizer", "scheduler", "scaler", "rng_cpu", "rng_cuda", "state",
+                          "metrics", "config"}
+    assert state["format"] == checkpoint.FORMAT == 2 and state["scaler"] is None and state["rng_cuda"] == []
+    assert state["config"] == cfg.to_dict(cfg.load_file(cfg.TrainConfig, small_run / runs.CONFIG_FILE))
+    assert state["state"]["step"] == 10 and state["metrics"] == runs.read_metrics(small_run)
+    weights = runs.load_weights(small_run / runs.MODEL_FILE)
+    assert all(torch.equal(weights[k], v) for k, v in state["model"].items())
+
+
+@pytest.mark.checkpoints
+def test_a_disk_failing_at_the_first_checkpoint_says_there_is_nothing_to_resume(tmp_path, monkeypatch, small):
+    run = tmp_path / "run"
+    DiskFault(monkeypatch, "replace", fail_on=1, code=errno.EIO)
+    with pytest.raises(TrainingError) as info:
+        trainforge.train(small_config(run, checkpoint_every=2), data=small, progress=False)
+    assert str(info.value) == (f"stopped at step 2: {run / runs.STATE_FILE}: cannot write (Input/output error); the "
+                               f"previous version is unchanged; no checkpoint was written in this process; nothing "
+                               f"to resume from")
+
+
+@pytest.mark.checkpoints
+def test_counters_read_both_formats_in_todays_names():
+    from trainforge.train import checkpoint
+
+    today = {"epoch": 1, "step": 7, "skips": 0}
+    assert checkpoint.counters({"state": today}) == today and checkpoint.counters({"state": today}) is not today
+    assert checkpoint.counters({"position": {"epoch": 1, "global_step": 7, "skips": 0}}) == today
+
+
+@pytest.mark.checkpoints
+def test_restoring_a_checkpoint_of_another_model_names_the_mismatch():
+    from trainforge.train import checkpoint
+
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 1)
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "rng_cpu": torch.get_rng_state()}
+    two_groups = torch.optim.SGD([{"params": [model.weight]}, {"params": [model.bias]}], lr=0.1)
+    for broken, why in (({**state, "optimizer": two_groups.state_dict()}, "parameter groups"),
+                        ({k: v for k, v in state.items() if k != "scheduler"}, "'scheduler'")):
+        with pytest.raises(CheckpointError, match=f"^state.pt: checkpoint does not match this run \\(.*{why}"):
+            checkpoint.restore(broken, model, optimizer, scheduler, None, torch.device("cpu"))
+    rng = torch.get_rng_state()
+    torch.rand(3)
+    moved = {k: v + 1 for k, v in model.state_dict().items()}
+    checkpoint.restore({**state, "model": moved, "rng_cpu": rng}, model, optimizer, scheduler, None,
+                       torch.device("cpu"))
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(v, moved[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.checkpoints
+def test_load_resume_takes_the_saved_config_under_the_options_given(tmp_path, small_run, capsys):
+    from trainforge.train import checkpoint
+
+    for run, message in ((tmp_path / "none", f"--resume {tmp_path / 'none'}: no such run directory"),
+                         (tmp_path, f"--resume {tmp_path}: no checkpoint (state.pt) and no saved config "
+                                    f"(config.yaml) to resume from")):
+        with pytest.raises(CheckpointError) as info:
+            checkpoint.load_resume(run, cfg.TrainConfig())
+        assert str(info.value) == message
+    run = tmp_path / "run"
+    shutil.copytree(small_run, run)
+    config, state = checkpoint.load_resume(run, cfg.TrainConfig(epochs=3, seed=0))
+    saved = cfg.load_file(cfg.TrainConfig, small_run / runs.CONFIG_FILE)
+    # An option given explicitly wins; one left at its default keeps the saved value; the run stays where it is.
+    assert config == dataclasses.replace(saved, epochs=3, out=str(run)) and saved.batch_size != 128
+    assert state["state"]["step"] == 10 and capsys.readouterr().err == ""
+    (run / runs.STATE_FILE).unlink()
+    config, state = checkpoint.load_resume(run, cfg.TrainConfig())
+    assert state is None and config == dataclasses.replace(saved, out=str(run))
+    assert capsys.readouterr().err == (f"--resume {run}: stopped before its first checkpoint; starting it over from "
+                                       f"its saved config\n")
+
+
+@pytest.mark.checkpoints
+@pytest.mark.parametrize("mutate,why", [
+    (lambda s: {**s, "state": {**s["state"], "skips": True}}, "state 'skips' is True, expected a non-negative"),
+    (lambda s: {**s, "state": {**s["state"], "elapsed": -0.5}}, "state 'elapsed' is -0.5"),
+    (lambda s: {**s, "rng_cpu": [1, 2]}, "'rng_cpu' is missing or not a Tensor"),
+    (lambda s: {**s, "optimizer": None}, "'optimizer' is missing or not a dict"),
+    (lambda s: {**s, "model": {1: torch.ones(1)}}, "'model' must map parameter names to tensors"),
+    (lambda s: {**s, "metrics": [{"test_acc": 0.5, "test_loss": "low"}]}, "'metrics' must be a list of per-epoch"),
+    (lambda s: {**s, "metrics": ({"test_acc": 0.5, "test_loss": 1.0},)}, "'metrics' is missing or not a list"),
+    (lambda s: {**{k: v for k, v in s.items() if k != "state"},
+                "position": {**{k: v for k, v in s["state"].items() if k != "step"}, "global_step": -1}},
+     "position 'global_step' is -1"),
+])
+def test_checkpoint_layout_errors_name_the_field_and_what_was_expected(tmp_path, mutate, why):
+    good = {"model": {"w": torch.ones(1)}, "optimizer": {}, "scheduler": {}, "rng_cpu": torch.ones(1),
+            "metrics": [{"test_acc": 1, "test_loss": 0.5}],
+            "state": {"epoch": 1, "step_in_epoch": 0, "step": 3, "elapsed": 0.5, "skips": 0, "loss_sum": 0,
+                      "loss_count": 0}}
+    check_state(good, tmp_path)
+    with pytest.raises(CheckpointError, match=f"^{tmp_path}: not a trainforge checkpoint \\({why}"):
+        check_state(mutate(good), tmp_path)

@@ -357,3 +357,150 @@ def test_a_run_of_a_model_with_a_width_loads_at_that_width(tmp_path):
     loaded = runs.load(tmp_path)
     assert loaded.info == info and not loaded.training
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+
+
+def _held_lock(run_dir: Path, content: bytes) -> int:
+    """A claim on `run_dir` by this process through its own open file (flock excludes other open files, even of
+    the same process), whose lock file holds `content`."""
+    import fcntl
+
+    run_dir.mkdir(exist_ok=True)
+    fd = os.open(run_dir / runs.LOCK_FILE, os.O_CREAT | os.O_RDWR)
+    os.write(fd, content)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return fd
+
+
+@pytest.mark.parametrize("content, holder", [
+    (b'{"host": "box", "pid": 5}', "pid 5 on host box"),
+    (b"", "pid ? on host {host}"),  # the holder has not written itself in yet
+    (b"[1, 2]", "pid ? on host {host}"),
+    (b"\xff not json", "pid ? on host {host}"),
+])
+def test_the_lock_error_names_what_the_lock_file_says_of_its_holder(tmp_path, content, holder):
+    import socket
+
+    fd = _held_lock(tmp_path, content)
+    try:
+        with pytest.raises(ConfigError) as info:
+            runs.prepare_run_dir(tmp_path)
+    finally:
+        os.close(fd)
+    assert str(info.value) == (f"{tmp_path} is in use by another training ({holder.format(host=socket.gethostname())}"
+                               f"); wait for it to finish, or choose another --out")
+
+
+def test_a_lock_taken_over_holds_only_its_new_holder(tmp_path):
+    import socket
+
+    (tmp_path / runs.LOCK_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": 1, "note": "x" * 100}))
+    lock = runs.prepare_run_dir(tmp_path)
+    assert json.loads((tmp_path / runs.LOCK_FILE).read_text()) == {"host": socket.gethostname(), "pid": os.getpid()}
+    lock.release()
+
+
+def test_prepare_run_dir_names_what_is_wrong_with_out_and_clears_stale_temporaries(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError) as info:
+        runs.prepare_run_dir(tmp_path / "file")
+    assert str(info.value) == f"--out {tmp_path / 'file'}: is a file, expected a run directory (or a path to create one at)"
+    with pytest.raises(ConfigError) as info:
+        runs.prepare_run_dir(tmp_path / "file" / "run")
+    assert str(info.value) == f"--out {tmp_path / 'file' / 'run'}: cannot create the run directory (Not a directory)"
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / ".state.pt.x1.tmp").write_bytes(b"half")
+    runs.prepare_run_dir(tmp_path / "run", resuming=True).release()
+    assert list((tmp_path / "run").iterdir()) == []
+
+
+def test_an_atomic_write_syncs_the_file_then_its_directory_and_waits_the_test_delay(tmp_path, monkeypatch):
+    synced, slept = [], []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(runs.time, "sleep", slept.append)
+    monkeypatch.setenv(runs.WRITE_DELAY_ENV, "0.25")
+    runs.write_json(tmp_path / "x.json", {"a": 1})
+    assert json.loads((tmp_path / "x.json").read_text()) == {"a": 1} and slept == [0.25]
+    assert Path(synced[0]).name.startswith(".x.json.") and synced[1:] == [str(tmp_path)]
+    assert (tmp_path / "x.json").read_text() == '{\n  "a": 1\n}\n'
+
+
+def test_metrics_model_info_and_weights_that_are_missing_or_broken_name_the_file(tmp_path):
+    assert runs.read_metrics(tmp_path) == []
+    runs.write_metrics(tmp_path, [{"epoch": 1}, {"epoch": 2}])
+    assert runs.read_metrics(tmp_path) == [{"epoch": 1}, {"epoch": 2}]
+    (tmp_path / runs.METRICS_FILE).write_text('{"epoch": 1}\n{"epoch": 2\n')
+    with pytest.raises(CheckpointError) as info:
+        runs.read_metrics(tmp_path)
+    assert str(info.value) == f"{tmp_path / runs.METRICS_FILE}: line 2 is not JSON"
+    for run_dir, message in ((tmp_path / "none", f"{tmp_path / 'none'}: not a run directory (no such directory)"),
+                             (tmp_path, f"{tmp_path}: not a finished run directory (no model.json; an interrupted "
+                                        f"run can be continued with --resume)")):
+        with pytest.raises(CheckpointError) as info:
+            runs.read_model_info(run_dir)
+        assert str(info.value) == message
+    (tmp_path / runs.MODEL_INFO).write_bytes(b"{\xff")
+    with pytest.raises(CheckpointError, match=f"^{tmp_path / runs.MODEL_INFO}: malformed model description \\("):
+        runs.read_model_info(tmp_path)
+    with pytest.raises(CheckpointError) as info:
+        runs.load_weights(tmp_path / "w.pt")
+    assert str(info.value) == f"{tmp_path / 'w.pt'}: weights file not found"
+
+
+def test_torch_weights_files_load_plain_or_under_state_dict_and_nothing_else(tmp_path):
+    weights = {"linear.weight": torch.ones(2, 3), "linear.bias": torch.zeros(2)}
+    for name, content in (("plain.pt", weights), ("wrapped.pt", {"state_dict": weights, "epoch": 3})):
+        torch.save(content, tmp_path / name)
+        loaded = runs.load_weights(tmp_path / name)
+        assert loaded.keys() == weights.keys() and all(torch.equal(loaded[k], weights[k]) for k in weights)
+    for content in ({"linear.weight": [1.0]}, [torch.ones(1)], {"state_dict": [torch.ones(1)]}):
+        torch.save(content, tmp_path / "bad.pt")
+        with pytest.raises(CheckpointError) as info:
+            runs.load_weights(tmp_path / "bad.pt")
+        assert str(info.value) == f"{tmp_path / 'bad.pt'}: expected a mapping of parameter names to tensors"
+
+
+def test_a_refused_pickle_gives_torchs_reason_without_its_boilerplate(tmp_path):
+    class Exploit:
+        def __reduce__(self):
+            return os.system, ("true",)
+
+    torch.save({"weight": torch.zeros(2), "payload": Exploit()}, tmp_path / "x.pt")
+    with pytest.raises(CheckpointError) as info:
+        runs.safe_torch_load(tmp_path / "x.pt")
+    prefix = (f"{tmp_path / 'x.pt'}: refused to load: only tensors and plain containers are loaded, since other "
+              f"objects could execute code (")
+    message = str(info.value)
+    assert message.startswith(prefix) and message.endswith(")") and "\n" not in message
+    reason = message[len(prefix):-1]
+    assert "posix.system" in reason and 0 < len(reason) <= 200
+    assert not any(boilerplate in reason for boilerplate in ("Weights only load failed", "WeightsUnpickler error",
+                                                             "Check the documentation", "  "))
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "x.pt").read_bytes()[:300])
+    with pytest.raises(CheckpointError) as info:
+        runs.safe_torch_load(tmp_path / "cut.pt")
+    reason = str(info.value).split("(truncated or corrupt: ", 1)[1]
+    assert reason.startswith("PytorchStreamReader failed") and len(reason) == 201 and "\n" not in reason
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError) as info:
+        runs.safe_torch_load(tmp_path / "empty.pt")
+    assert str(info.value) == f"{tmp_path / 'empty.pt'}: not a readable checkpoint (truncated or corrupt: EOFError)"
+
+
+def test_weights_that_do_not_fit_list_the_keys_and_shapes_ten_at_most(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 2))
+    state = {"0.weight": torch.zeros(4, 3), **{f"extra{i:02d}": torch.zeros(1) for i in range(12)}}
+    with pytest.raises(CheckpointError) as info:
+        runs.load_state_dict_strict(model, state, "w.safetensors")
+    assert str(info.value) == (
+        "w.safetensors: weights do not fit the model; missing keys: 0.bias, 1.bias, 1.weight; unexpected keys: "
+        + ", ".join(f"extra{i:02d}" for i in range(10)) + " (+2 more); shape mismatches (file vs model): "
+        "0.weight (4, 3) vs (2, 3)")
+    good = {k: torch.full_like(v, 0.5) for k, v in model.state_dict().items()}
+    runs.load_state_dict_strict(model, good, "w.safetensors")
+    assert all(torch.equal(v, good[k]) for k, v in model.state_dict().items())
