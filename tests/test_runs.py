@@ -504,3 +504,45 @@ def test_weights_that_do_not_fit_list_the_keys_and_shapes_ten_at_most(tmp_path):
     good = {k: torch.full_like(v, 0.5) for k, v in model.state_dict().items()}
     runs.load_state_dict_strict(model, good, "w.safetensors")
     assert all(torch.equal(v, good[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("change", [
+    dict(image_size=4096), dict(num_classes=1, classes=["a"]), dict(in_channels=3, mean=[0.1] * 3, std=[0.3] * 3),
+    dict(model="x"), dict(model="m" * 200), dict(classes=["a", "c" * 1000]), dict(width=65_536),
+])
+def test_model_descriptions_at_the_bounds_are_accepted(change):
+    assert runs.ModelInfo.from_values({**GOOD, **change}, "m.json") == runs.ModelInfo(**{**GOOD, **change})
+
+
+@pytest.mark.parametrize("change, why", [
+    (dict(image_size=4097), "field 'image_size' is 4097, expected an integer from 1 to 4096"),
+    (dict(image_size="9" * 50), f"field 'image_size' is {'9' * 40}, expected an integer from 1 to 4096"),
+    (dict(model=""), "field 'model' must be a registered model's name"),
+    (dict(model="m" * 201), "field 'model' must be a registered model's name"),
+    (dict(model=5), "field 'model' must be a registered model's name"),
+    (dict(classes=["a", "c" * 1001]), "field 'classes' must list num_classes (2) names"),
+    (dict(classes=["a", 5]), "field 'classes' must list num_classes (2) names"),
+])
+def test_model_descriptions_past_the_bounds_are_refused(change, why):
+    with pytest.raises(CheckpointError) as info:
+        runs.ModelInfo.from_values({**GOOD, **change}, "m.json")
+    assert str(info.value) == f"m.json: malformed model description ({why})"
+
+
+def test_load_names_the_file_when_the_model_cannot_be_rebuilt_or_its_weights_do_not_fit(tmp_path, monkeypatch):
+    from trainforge.models import build_classifier
+
+    runs.write_json(tmp_path / runs.MODEL_INFO, GOOD)
+    runs.save_weights(tmp_path / runs.MODEL_FILE, build_classifier("linear", 3, 1, 28, (0.1,), (0.3,)).state_dict())
+    with pytest.raises(CheckpointError, match=f"^{tmp_path / runs.MODEL_FILE}: weights do not fit the model; "):
+        runs.load(tmp_path)
+    runs.save_weights(tmp_path / runs.MODEL_FILE, build_classifier("linear", 2, 1, 28, (0.1,), (0.3,)).state_dict())
+    assert next(runs.load(tmp_path, device="meta").parameters()).device.type == "meta"
+
+    def broken(info):
+        raise RuntimeError("no such layer")
+
+    monkeypatch.setattr(runs, "build_model", broken)
+    with pytest.raises(CheckpointError) as info:
+        runs.load(tmp_path)
+    assert str(info.value) == f"{tmp_path / runs.MODEL_INFO}: cannot rebuild model 'linear' (no such layer)"
