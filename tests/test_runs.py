@@ -166,6 +166,7 @@ def test_load_run_data_splits_the_data_as_the_run_did(holdout_run, mnist):
 
     data = load_run_data(holdout_run)
     assert len(data.train.labels) == 900 and len(data.val.labels) == 100 and data.evaluation is data.val
+    assert data.train.classes == data.val.classes == mnist.classes
     assert torch.equal(data.test.labels, mnist.test.labels)
     assert len(data.dataset.train.labels) == len(mnist.train.labels)
     # The held-out images are among the subset's, never among those trained on.
@@ -321,19 +322,29 @@ def _with_config(run_dir: Path, directory: Path, **changes) -> Path:
     return directory
 
 
-def test_load_run_data_reads_the_data_root_given_else_the_runs_own(holdout_run, tmp_path, mnist):
+def test_load_run_data_reads_the_data_root_given_else_the_runs_own(holdout_run, folder_holdout_run, tmp_path,
+                                                                   monkeypatch):
+    import urllib.error
+    import urllib.request
+
+    from trainforge.data import sources
     from trainforge.errors import DataError
 
+    def offline(request, timeout=None):
+        raise urllib.error.URLError("no network in tests")
+
+    # A data root without MNIST would be filled from the mirrors: offline, that is the error naming the root.
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    monkeypatch.setattr(sources.time, "sleep", lambda seconds: None)
     with pytest.raises(DataError, match=f"missing {tmp_path / 'empty' / 'mnist'}"):
         runs.load_run_data(holdout_run, str(tmp_path / "empty"))
     moved = _with_config(holdout_run, tmp_path / "moved", data_dir=str(tmp_path / "gone"))
     with pytest.raises(DataError, match=f"missing {tmp_path / 'gone' / 'mnist'}"):
         runs.load_run_data(moved)
-    assert runs.load_run_data(holdout_run).train.classes == mnist.classes
     # Without --subset and --holdout: every training image, evaluated on the test split.
-    whole = runs.load_run_data(_with_config(holdout_run, tmp_path / "whole", subset=None, holdout=False))
+    whole = runs.load_run_data(_with_config(folder_holdout_run, tmp_path / "whole", subset=None, holdout=False))
     assert whole.val is None and whole.evaluation is whole.test and whole.train is whole.dataset.train
-    assert len(whole.train.labels) == len(mnist.train.labels)
+    assert (len(whole.train.labels), len(whole.test.labels)) == (120, 80)
 
 
 @pytest.mark.parametrize("values, why", [
