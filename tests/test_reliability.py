@@ -944,3 +944,33 @@ def test_checkpoint_layout_errors_name_the_field_and_what_was_expected(tmp_path,
     check_state(good, tmp_path)
     with pytest.raises(CheckpointError, match=f"^{tmp_path}: not a trainforge checkpoint \\({why}"):
         check_state(mutate(good), tmp_path)
+
+
+@pytest.mark.checkpoints
+def test_restore_loads_the_scaler_and_on_a_gpu_its_rng_states_when_saved(monkeypatch):
+    from trainforge.train import checkpoint
+
+    class Scaler:
+        def __init__(self):
+            self.loaded = []
+
+        def load_state_dict(self, state):
+            self.loaded.append(state)
+
+    cuda_rng = []
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", cuda_rng.append)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 1)
+    saved = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "rng_cpu": torch.get_rng_state(), "scaler": {"scale": 8.0}, "rng_cuda": ["gpu0", "gpu1", "gpu2"]}
+    scaler = Scaler()
+    checkpoint.restore(saved, model, optimizer, scheduler, scaler, torch.device("cpu"))
+    checkpoint.restore({**saved, "scaler": None}, model, optimizer, scheduler, scaler, torch.device("cpu"))
+    checkpoint.restore(saved, model, optimizer, scheduler, None, torch.device("cpu"))  # a run without a scaler
+    # The CUDA generators are set on a GPU only, for as many devices as this machine has.
+    assert scaler.loaded == [{"scale": 8.0}] and cuda_rng == []
+    checkpoint.restore({**saved, "rng_cuda": []}, model, optimizer, scheduler, None, torch.device("cuda"))
+    checkpoint.restore(saved, model, optimizer, scheduler, None, torch.device("cuda"))
+    assert cuda_rng == [["gpu0", "gpu1"]]
