@@ -974,3 +974,20 @@ def test_restore_loads_the_scaler_and_on_a_gpu_its_rng_states_when_saved(monkeyp
     checkpoint.restore({**saved, "rng_cuda": []}, model, optimizer, scheduler, None, torch.device("cuda"))
     checkpoint.restore(saved, model, optimizer, scheduler, None, torch.device("cuda"))
     assert cuda_rng == [["gpu0", "gpu1"]]
+
+
+@pytest.mark.checkpoints
+def test_resuming_a_format_1_checkpoint_says_so_once_and_reads_its_counters(tmp_path, small_run, capsys):
+    from trainforge.train import checkpoint
+
+    run = tmp_path / "old"
+    shutil.copytree(small_run, run)
+    state = runs.safe_torch_load(run / runs.STATE_FILE)
+    position = {("global_step" if k == "step" else k): v
+                for k, v in state.pop("state").items()}
+    torch.save({**state, "format": 1, "position": position}, run / runs.STATE_FILE)
+    _, loaded = checkpoint.load_resume(run, cfg.TrainConfig())
+    assert checkpoint.counters(loaded)["step"] == 10
+    assert capsys.readouterr().err == (f"trainforge: deprecated: {run / runs.STATE_FILE}: a checkpoint of format 1 "
+                                       f"(loop counters under 'position'); its run resumes, and its next checkpoint "
+                                       f"is written in format 2\n")

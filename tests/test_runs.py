@@ -557,3 +557,13 @@ def test_load_names_the_file_when_the_model_cannot_be_rebuilt_or_its_weights_do_
     with pytest.raises(CheckpointError) as info:
         runs.load(tmp_path)
     assert str(info.value) == f"{tmp_path / runs.MODEL_INFO}: cannot rebuild model 'linear' (no such layer)"
+
+
+@pytest.mark.parametrize("count, suffix", [(10, ""), (11, " (+1 more)")])
+def test_a_weights_mismatch_lists_ten_keys_then_counts_the_rest(count, suffix):
+    model = torch.nn.Linear(2, 2)
+    state = {**model.state_dict(), **{f"extra{i:02d}": torch.zeros(1) for i in range(count)}}
+    with pytest.raises(CheckpointError) as info:
+        runs.load_state_dict_strict(model, state, "w")
+    assert str(info.value) == ("w: weights do not fit the model; unexpected keys: "
+                               + ", ".join(f"extra{i:02d}" for i in range(10)) + suffix)
