@@ -991,3 +991,26 @@ def test_resuming_a_format_1_checkpoint_says_so_once_and_reads_its_counters(tmp_
     assert capsys.readouterr().err == (f"trainforge: deprecated: {run / runs.STATE_FILE}: a checkpoint of format 1 "
                                        f"(loop counters under 'position'); its run resumes, and its next checkpoint "
                                        f"is written in format 2\n")
+
+
+@pytest.mark.checkpoints
+@pytest.mark.parametrize("gpu", [False, True])
+def test_a_checkpoint_saves_the_scaler_and_the_gpus_rng_states_when_there_are_some(tmp_path, monkeypatch, gpu):
+    from trainforge.train import checkpoint
+
+    class Scaler:
+        def state_dict(self):
+            return {"scale": 8.0}
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [torch.ones(2)])
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 1)
+    saver = checkpoint.Checkpointer(tmp_path, cfg.TrainConfig(), True, last_step=7)
+    # A resumed run's checkpointer knows the checkpoint it resumed from before it writes one.
+    assert saver.describe_last() == f"last good checkpoint: {tmp_path / runs.STATE_FILE} (step 7)"
+    saver.save(model, optimizer, scheduler, Scaler(), {"step": 9}, [])
+    state = runs.safe_torch_load(tmp_path / runs.STATE_FILE)
+    assert state["scaler"] == {"scale": 8.0} and state["state"] == {"step": 9} and saver.last_step == 9
+    assert len(state["rng_cuda"]) == gpu and not (tmp_path / runs.MODEL_FILE).exists()
