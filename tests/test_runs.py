@@ -567,3 +567,45 @@ def test_a_weights_mismatch_lists_ten_keys_then_counts_the_rest(count, suffix):
         runs.load_state_dict_strict(model, state, "w")
     assert str(info.value) == ("w: weights do not fit the model; unexpected keys: "
                                + ", ".join(f"extra{i:02d}" for i in range(10)) + suffix)
+
+
+def test_cleanup_steps_that_cannot_be_done_are_skipped_not_fatal(tmp_path, monkeypatch):
+    import errno
+    import stat
+
+    # The lock file is readable by all (it says who holds the run) and writable by its owner only.
+    lock = runs.prepare_run_dir(tmp_path / "run")
+    assert stat.S_IMODE((tmp_path / "run" / runs.LOCK_FILE).stat().st_mode) == 0o644 & ~_umask()
+    # Released twice, or after someone deleted the lock file: nothing left to do, no error.
+    (tmp_path / "run" / runs.LOCK_FILE).unlink()
+    lock.release()
+    lock.release()
+    # A file system that cannot fsync a directory still gets the file written.
+    real_fsync = os.fsync
+
+    def no_directory_fsync(fd):
+        if os.path.isdir(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", no_directory_fsync)
+    runs.write_text(tmp_path / "x.txt", "x")
+    assert (tmp_path / "x.txt").read_text() == "x"
+    # A temporary that cannot be removed is left, and not reported as removed.
+    (tmp_path / ".a.tmp").write_text("a")
+    (tmp_path / ".b.tmp").write_text("b")
+    real_unlink = Path.unlink
+
+    def unlink(path, missing_ok=False):
+        if path.name == ".a.tmp":
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+        real_unlink(path, missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", unlink)
+    assert runs.remove_stale_temporaries(tmp_path) == [tmp_path / ".b.tmp"] and (tmp_path / ".a.tmp").exists()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
