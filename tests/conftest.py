@@ -137,3 +137,10 @@ def wait_for(predicate, what: str, timeout: float = 60) -> None:
         if time.monotonic() > deadline:
             pytest.fail(f"still waiting for {what} after {timeout:.0f} s")
         time.sleep(0.02)
+
+
+# `mutmut run` (pyproject.toml) first records which tests reach which mutated function, in the test process only;
+# its marker in the environment would make the subprocesses that tests start record too, which fails outside the
+# repository's root. The test process keeps its own copy of the marker (mutmut's process-local state).
+if os.environ.get("MUTANT_UNDER_TEST") == "stats":
+    del os.environ["MUTANT_UNDER_TEST"]

@@ -12,6 +12,7 @@ import json
 import os
 import pickle
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -239,6 +240,7 @@ def fork_server(tmp_path):
     server.close()
 
 
+@pytest.mark.checkpoints
 def test_sigkill_at_random_points_then_resume_matches_an_uninterrupted_run(tmp_path, fork_server):
     """Six kills: mid-training, mid-checkpoint, at epoch-end writes and during the final write; each resume
     continues, and the result is bit-for-bit that of a run never killed."""
@@ -294,6 +296,7 @@ def test_sigkill_at_random_points_then_resume_matches_an_uninterrupted_run(tmp_p
     assert not list(run.glob(".*.tmp")), "a resumed run clears the temporaries of killed writes"
 
 
+@pytest.mark.checkpoints
 def test_checkpoint_minutes_checkpoints_by_time(tmp_path, small):
     calls = []
 
@@ -310,6 +313,7 @@ def test_checkpoint_minutes_checkpoints_by_time(tmp_path, small):
     assert checkpoint_step(tmp_path / "m") == 4
 
 
+@pytest.mark.checkpoints
 def test_stale_temporaries_are_removed_and_nothing_else(tmp_path):
     (tmp_path / ".state.pt.abc123.tmp").write_bytes(b"half a checkpoint")
     (tmp_path / "state.pt").write_bytes(b"keep")
@@ -319,6 +323,7 @@ def test_stale_temporaries_are_removed_and_nothing_else(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.tmp", "state.pt"]
 
 
+@pytest.mark.checkpoints
 def test_write_delay_hook_rejects_a_non_number(tmp_path, monkeypatch):
     monkeypatch.setenv(runs.WRITE_DELAY_ENV, "soon")
     with pytest.raises(CheckpointError, match="TRAINFORGE_TEST_WRITE_DELAY: expected a number of seconds"):
@@ -350,6 +355,7 @@ class DiskFault:
         return self.original(*args, **kwargs)
 
 
+@pytest.mark.checkpoints
 @pytest.mark.parametrize("stage,code", [("mkstemp", errno.EROFS), ("fsync", errno.ENOSPC), ("replace", errno.EIO)])
 def test_a_failing_disk_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, small, stage, code):
     run = tmp_path / "run"
@@ -364,6 +370,7 @@ def test_a_failing_disk_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pat
     assert not list(run.glob(".*.tmp")), "a failed write leaves no temporary behind"
 
 
+@pytest.mark.checkpoints
 def test_a_full_disk_is_one_line_in_the_cli_and_resume_loses_nothing(tmp_path, monkeypatch, capsys, small):
     run = tmp_path / "run"
     args = ("train", "--model", "linear", "--subset", "600", "--batch-size", "60", "--epochs", "1",
@@ -379,6 +386,7 @@ def test_a_full_disk_is_one_line_in_the_cli_and_resume_loses_nothing(tmp_path, m
     assert resumed["test_acc"] == whole.test_acc and resumed["steps"] == whole.steps == 10
 
 
+@pytest.mark.checkpoints
 def test_an_unwritable_run_directory_is_a_clear_error(tmp_path, monkeypatch, capsys):
     # We run as root, where permissions do not stop writes: a read-only file system is simulated at mkstemp.
     def read_only(*args, **kwargs):
@@ -441,6 +449,7 @@ class PoisonGradients:
         return torch.nn.functional.cross_entropy(logits, labels)
 
 
+@pytest.mark.checkpoints
 def test_nonfinite_gradients_with_a_finite_loss_are_caught(tmp_path, small):
     with pytest.raises(TrainingError, match=r"NaN/Inf at step 6; last good checkpoint: .*state.pt \(step 4\)"):
         trainforge.train(small_config(tmp_path / "g", checkpoint_every=2), data=small,
@@ -456,6 +465,7 @@ def test_nonfinite_gradients_with_a_finite_loss_are_caught(tmp_path, small):
     assert skipped.nonfinite_skips == 1 and skipped.steps == 10 and 0.5 < skipped.test_acc <= 1
 
 
+@pytest.mark.checkpoints
 def test_inf_loss_is_caught_like_nan(tmp_path, small):
     calls = []
 
@@ -499,12 +509,14 @@ def malicious_files(tmp_path: Path) -> tuple[Path, list[Path]]:
     return marker, [raw, zipped, named]
 
 
+@pytest.mark.checkpoints
 def test_the_malicious_pickle_would_run_code_with_plain_pickle(tmp_path):
     marker, (raw, _, _) = malicious_files(tmp_path)
     pickle.loads(raw.read_bytes())  # proves the test file is live: plain pickle runs the command
     assert marker.exists()
 
 
+@pytest.mark.checkpoints
 def test_malicious_pickles_are_refused_without_running_code(tmp_path):
     marker, files = malicious_files(tmp_path)
     raw, zipped, named = files
@@ -518,6 +530,7 @@ def test_malicious_pickles_are_refused_without_running_code(tmp_path):
     assert not marker.exists(), "unpickling ran the payload"
 
 
+@pytest.mark.checkpoints
 def test_malicious_checkpoints_are_refused_through_the_cli(tmp_path, small_run, capsys):
     marker, (_, zipped, named) = malicious_files(tmp_path)
     run = tmp_path / "run"
@@ -533,6 +546,7 @@ def test_malicious_checkpoints_are_refused_through_the_cli(tmp_path, small_run, 
     assert not marker.exists()
 
 
+@pytest.mark.checkpoints
 @pytest.mark.parametrize("verb", ["eval", "predict", "finetune", "fewshot", "compress", "export", "serve", "report"])
 def test_every_verb_that_reads_a_run_refuses_malicious_weights(tmp_path, small_run, capsys, verb):
     if verb not in cli.VERBS:
@@ -568,6 +582,7 @@ def run_copy(tmp_path, small_run) -> Path:
     return run
 
 
+@pytest.mark.checkpoints
 def test_truncated_and_corrupt_checkpoints_name_the_file(run_copy, capsys):
     state, weights = run_copy / runs.STATE_FILE, run_copy / runs.MODEL_FILE
     good_state, good_weights = state.read_bytes(), weights.read_bytes()
@@ -584,6 +599,7 @@ def test_truncated_and_corrupt_checkpoints_name_the_file(run_copy, capsys):
         assert_one_line_error(status, err, f"{weights}: not a valid safetensors file")
 
 
+@pytest.mark.checkpoints
 @pytest.mark.parametrize("mutate,why", [
     (lambda s: [], "expected a mapping"),
     (lambda s: {k: v for k, v in s.items() if k != "metrics"}, "'metrics' is missing"),
@@ -601,6 +617,7 @@ def test_checkpoints_of_the_wrong_layout_are_refused(run_copy, mutate, why):
         trainforge.train(resume=run_copy, progress=False)
 
 
+@pytest.mark.checkpoints
 def test_weights_that_do_not_fit_the_model_are_refused(run_copy, capsys):
     weights = runs.load_weights(run_copy / runs.MODEL_FILE)
     runs.save_weights(run_copy / runs.MODEL_FILE, {**weights, "extra.bias": torch.zeros(3)})
@@ -699,6 +716,7 @@ def _fuzz_load(directory: Path, data: bytes, suffix: str) -> None:
                 check_state(state, path)
 
 
+@pytest.mark.checkpoints
 @FUZZ
 @given(data=st.binary(max_size=300), suffix=st.sampled_from([".pt", ".safetensors"]))
 def test_fuzz_checkpoint_loaders_with_random_bytes(fuzz_dir, data, suffix):
@@ -739,6 +757,7 @@ def mutated_checkpoints(draw: st.DrawFn) -> tuple[bytes, str]:
     return bytes(data), suffix
 
 
+@pytest.mark.checkpoints
 @FUZZ
 @given(case=mutated_checkpoints())
 def test_fuzz_checkpoint_loaders_with_mutated_files(fuzz_dir, case):
@@ -835,3 +854,198 @@ def test_large_seeds_train_with_augmentation(tmp_path, small):
     result = trainforge.train(small_config(tmp_path / "s", seed=2 ** 32 - 1, augment="flip-translate"), data=small,
                               progress=False)
     assert result.steps == 10
+
+
+# ---- what mutation testing (mutmut, docs/RELIABILITY.md) found untested in train/checkpoint.py ------------------
+
+@pytest.mark.checkpoints
+def test_checkpoints_fall_due_by_steps_and_by_rank0s_clock(monkeypatch):
+    from trainforge.train import checkpoint
+
+    clock = [1000.0]
+    monkeypatch.setattr(checkpoint.time, "monotonic", lambda: clock[0])
+    config = cfg.TrainConfig(checkpoint_every=5, checkpoint_minutes=2)
+    alone = checkpoint.Checkpointer(Path("r"), config, True)
+    in_a_job = checkpoint.Checkpointer(Path("r"), config, True, world=2)
+    assert [s for s in range(1, 21) if alone.due(s)] == [5, 10, 15, 20]
+    clock[0] += 119.9
+    assert not alone.due(3) and not in_a_job.due(8)
+    clock[0] += 0.1
+    assert alone.due(3) and alone.due(7)
+    # In a job the clock is looked at every TIME_CHECK_STEPS steps only, so that all processes look together.
+    assert [s for s in range(1, 20) if in_a_job.due(s)] == [5, 8, 10, 15, 16]
+    assert not checkpoint.Checkpointer(Path("r"), cfg.TrainConfig(checkpoint_minutes=None), True).due(10 ** 6)
+
+
+@pytest.mark.checkpoints
+def test_a_checkpoint_holds_the_layout_resume_reads(small_run):
+    from trainforge.train import checkpoint
+
+    state = runs.safe_torch_load(small_run / runs.STATE_FILE)
+    assert set(state) == {"format", "model", "optimizer", "scheduler", "scaler", "rng_cpu", "rng_cuda", "state",
+                          "metrics", "config"}
+    assert state["format"] == checkpoint.FORMAT == 2 and state["scaler"] is None and state["rng_cuda"] == []
+    assert state["config"] == cfg.to_dict(cfg.load_file(cfg.TrainConfig, small_run / runs.CONFIG_FILE))
+    assert state["state"]["step"] == 10 and state["metrics"] == runs.read_metrics(small_run)
+    weights = runs.load_weights(small_run / runs.MODEL_FILE)
+    assert all(torch.equal(weights[k], v) for k, v in state["model"].items())
+
+
+@pytest.mark.checkpoints
+def test_a_disk_failing_at_the_first_checkpoint_says_there_is_nothing_to_resume(tmp_path, monkeypatch, small):
+    run = tmp_path / "run"
+    DiskFault(monkeypatch, "replace", fail_on=1, code=errno.EIO)
+    with pytest.raises(TrainingError) as info:
+        trainforge.train(small_config(run, checkpoint_every=2), data=small, progress=False)
+    assert str(info.value) == (f"stopped at step 2: {run / runs.STATE_FILE}: cannot write (Input/output error); the "
+                               f"previous version is unchanged; no checkpoint was written in this process; nothing "
+                               f"to resume from")
+
+
+@pytest.mark.checkpoints
+def test_counters_read_both_formats_in_todays_names():
+    from trainforge.train import checkpoint
+
+    today = {"epoch": 1, "step": 7, "skips": 0}
+    assert checkpoint.counters({"state": today}) == today and checkpoint.counters({"state": today}) is not today
+    assert checkpoint.counters({"position": {"epoch": 1, "global_step": 7, "skips": 0}}) == today
+
+
+@pytest.mark.checkpoints
+def test_restoring_a_checkpoint_of_another_model_names_the_mismatch():
+    from trainforge.train import checkpoint
+
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 1)
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "rng_cpu": torch.get_rng_state()}
+    two_groups = torch.optim.SGD([{"params": [model.weight]}, {"params": [model.bias]}], lr=0.1)
+    for broken, why in (({**state, "optimizer": two_groups.state_dict()}, "parameter groups"),
+                        ({k: v for k, v in state.items() if k != "scheduler"}, "'scheduler'")):
+        with pytest.raises(CheckpointError, match=f"^state.pt: checkpoint does not match this run \\(.*{why}"):
+            checkpoint.restore(broken, model, optimizer, scheduler, None, torch.device("cpu"))
+    rng = torch.get_rng_state()
+    torch.rand(3)
+    moved = {k: v + 1 for k, v in model.state_dict().items()}
+    checkpoint.restore({**state, "model": moved, "rng_cpu": rng}, model, optimizer, scheduler, None,
+                       torch.device("cpu"))
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(v, moved[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.checkpoints
+def test_load_resume_takes_the_saved_config_under_the_options_given(tmp_path, small_run, capsys):
+    from trainforge.train import checkpoint
+
+    for run, message in ((tmp_path / "none", f"--resume {tmp_path / 'none'}: no such run directory"),
+                         (tmp_path, f"--resume {tmp_path}: no checkpoint (state.pt) and no saved config "
+                                    f"(config.yaml) to resume from")):
+        with pytest.raises(CheckpointError) as info:
+            checkpoint.load_resume(run, cfg.TrainConfig())
+        assert str(info.value) == message
+    run = tmp_path / "run"
+    shutil.copytree(small_run, run)
+    config, state = checkpoint.load_resume(run, cfg.TrainConfig(epochs=3, seed=0))
+    saved = cfg.load_file(cfg.TrainConfig, small_run / runs.CONFIG_FILE)
+    # An option given explicitly wins; one left at its default keeps the saved value; the run stays where it is.
+    assert config == dataclasses.replace(saved, epochs=3, out=str(run)) and saved.batch_size != 128
+    assert state["state"]["step"] == 10 and capsys.readouterr().err == ""
+    (run / runs.STATE_FILE).unlink()
+    config, state = checkpoint.load_resume(run, cfg.TrainConfig())
+    assert state is None and config == dataclasses.replace(saved, out=str(run))
+    assert capsys.readouterr().err == (f"--resume {run}: stopped before its first checkpoint; starting it over from "
+                                       f"its saved config\n")
+
+
+@pytest.mark.checkpoints
+@pytest.mark.parametrize("mutate,why", [
+    (lambda s: {**s, "state": {**s["state"], "skips": True}}, "state 'skips' is True, expected a non-negative"),
+    (lambda s: {**s, "state": {**s["state"], "elapsed": -0.5}}, "state 'elapsed' is -0.5"),
+    (lambda s: {**s, "rng_cpu": [1, 2]}, "'rng_cpu' is missing or not a Tensor"),
+    (lambda s: {**s, "optimizer": None}, "'optimizer' is missing or not a dict"),
+    (lambda s: {**s, "model": {1: torch.ones(1)}}, "'model' must map parameter names to tensors"),
+    (lambda s: {**s, "metrics": [{"test_acc": 0.5, "test_loss": "low"}]}, "'metrics' must be a list of per-epoch"),
+    (lambda s: {**s, "metrics": ({"test_acc": 0.5, "test_loss": 1.0},)}, "'metrics' is missing or not a list"),
+    (lambda s: {**{k: v for k, v in s.items() if k != "state"},
+                "position": {**{k: v for k, v in s["state"].items() if k != "step"}, "global_step": -1}},
+     "position 'global_step' is -1"),
+])
+def test_checkpoint_layout_errors_name_the_field_and_what_was_expected(tmp_path, mutate, why):
+    good = {"model": {"w": torch.ones(1)}, "optimizer": {}, "scheduler": {}, "rng_cpu": torch.ones(1),
+            "metrics": [{"test_acc": 1, "test_loss": 0.5}],
+            "state": {"epoch": 1, "step_in_epoch": 0, "step": 3, "elapsed": 0.5, "skips": 0, "loss_sum": 0,
+                      "loss_count": 0}}
+    check_state(good, tmp_path)
+    with pytest.raises(CheckpointError, match=f"^{tmp_path}: not a trainforge checkpoint \\({why}"):
+        check_state(mutate(good), tmp_path)
+
+
+@pytest.mark.checkpoints
+def test_restore_loads_the_scaler_and_on_a_gpu_its_rng_states_when_saved(monkeypatch):
+    from trainforge.train import checkpoint
+
+    class Scaler:
+        def __init__(self):
+            self.loaded = []
+
+        def load_state_dict(self, state):
+            self.loaded.append(state)
+
+    cuda_rng = []
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", cuda_rng.append)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 1)
+    saved = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "rng_cpu": torch.get_rng_state(), "scaler": {"scale": 8.0}, "rng_cuda": ["gpu0", "gpu1", "gpu2"]}
+    scaler = Scaler()
+    checkpoint.restore(saved, model, optimizer, scheduler, scaler, torch.device("cpu"))
+    checkpoint.restore({**saved, "scaler": None}, model, optimizer, scheduler, scaler, torch.device("cpu"))
+    checkpoint.restore(saved, model, optimizer, scheduler, None, torch.device("cpu"))  # a run without a scaler
+    # The CUDA generators are set on a GPU only, for as many devices as this machine has.
+    assert scaler.loaded == [{"scale": 8.0}] and cuda_rng == []
+    checkpoint.restore({**saved, "rng_cuda": []}, model, optimizer, scheduler, None, torch.device("cuda"))
+    checkpoint.restore(saved, model, optimizer, scheduler, None, torch.device("cuda"))
+    assert cuda_rng == [["gpu0", "gpu1"]]
+
+
+@pytest.mark.checkpoints
+def test_resuming_a_format_1_checkpoint_says_so_once_and_reads_its_counters(tmp_path, small_run, capsys):
+    from trainforge.train import checkpoint
+
+    run = tmp_path / "old"
+    shutil.copytree(small_run, run)
+    state = runs.safe_torch_load(run / runs.STATE_FILE)
+    position = {("global_step" if k == "step" else k): v
+                for k, v in state.pop("state").items()}
+    torch.save({**state, "format": 1, "position": position}, run / runs.STATE_FILE)
+    _, loaded = checkpoint.load_resume(run, cfg.TrainConfig())
+    assert checkpoint.counters(loaded)["step"] == 10
+    assert capsys.readouterr().err == (f"trainforge: deprecated: {run / runs.STATE_FILE}: a checkpoint of format 1 "
+                                       f"(loop counters under 'position'); its run resumes, and its next checkpoint "
+                                       f"is written in format 2\n")
+
+
+@pytest.mark.checkpoints
+@pytest.mark.parametrize("gpu", [False, True])
+def test_a_checkpoint_saves_the_scaler_and_the_gpus_rng_states_when_there_are_some(tmp_path, monkeypatch, gpu):
+    from trainforge.train import checkpoint
+
+    class Scaler:
+        def state_dict(self):
+            return {"scale": 8.0}
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [torch.ones(2)])
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 1)
+    saver = checkpoint.Checkpointer(tmp_path, cfg.TrainConfig(), True, last_step=7)
+    # A resumed run's checkpointer knows the checkpoint it resumed from before it writes one.
+    assert saver.describe_last() == f"last good checkpoint: {tmp_path / runs.STATE_FILE} (step 7)"
+    saver.save(model, optimizer, scheduler, Scaler(), {"step": 9}, [])
+    state = runs.safe_torch_load(tmp_path / runs.STATE_FILE)
+    assert state["scaler"] == {"scale": 8.0} and state["state"] == {"step": 9} and saver.last_step == 9
+    assert len(state["rng_cuda"]) == gpu and not (tmp_path / runs.MODEL_FILE).exists()
