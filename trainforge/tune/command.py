@@ -29,7 +29,8 @@ from typing import Any
 from .. import config as cfg
 
 # TrainConfig fields that tune owns or that clash with its own flags.
-SKIPPED_FIELDS = ("holdout", "out", "workers", "tensorboard")
+# A trial's length is its epochs; --budget-minutes bounds the whole study.
+SKIPPED_FIELDS = ("holdout", "out", "workers", "tensorboard", "time")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
