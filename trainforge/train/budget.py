@@ -98,7 +98,8 @@ class Filler:
         self.spent_before = spent_before  # what earlier processes of this run spent (--resume)
         self.steps_per_epoch, self.batch_size = steps_per_epoch, batch_size
         self.eval_images, self.final_eval_images = eval_images, final_eval_images
-        self.points: list[tuple[int, float]] = []  # (step, time) since the last epoch end, or the run's first step
+        self.last: tuple[int, float] | None = None  # the last synchronized (step, time), None during an epoch end
+        self.timed_spans: list[tuple[int, float, float]] = []  # (steps, seconds, end time) between such points
         self.step_seconds: float | None = None
         self.eval_image_seconds: float | None = None
         self.save_seconds = 0.0
@@ -112,12 +113,16 @@ class Filler:
         return self.spent_before + self.clock.now() - self.clock.start
 
     def timed(self, step: int) -> None:
-        """`step` optimizer steps are done and the device is synchronized."""
-        self.points.append((step, self.clock.now()))
+        """`step` optimizer steps are done and the device is synchronized. The span since the last such point is
+        step time (the run's first step, with its warm-up, is not: it has no point before it)."""
+        now = self.clock.now()
+        if self.last is not None and step > self.last[0]:
+            self.timed_spans.append((step - self.last[0], now - self.last[1], now))
+        self.last = (step, now)
 
     def epoch_end(self) -> None:
         """An epoch end (evaluation, checkpoint) begins: its time is not step time."""
-        self.points.clear()
+        self.last = None
         self.phase_started = self.clock.now()
 
     def evaluated(self, images: int) -> None:
@@ -127,30 +132,33 @@ class Filler:
 
     def saved(self, step: int) -> None:
         self.save_seconds = self.clock.now() - self.phase_started
-        self.points = [(step, self.clock.now())]
+        self.last = (step, self.clock.now())
+
+    def _interval(self) -> float:
+        return max(REPLAN_MIN_SECONDS, REPLAN_SHARE * self.seconds)
 
     def due(self, step: int, total: int) -> bool:
         """Whether to plan now: once enough steps are timed, then every REPLAN_SHARE of the budget; and before an
         unplanned run would end at its first guess of `total`."""
-        if len(self.points) < 2:
+        if not self.timed_spans:
             return False
-        (first_step, first), (last_step, last) = self.points[0], self.points[-1]
         if self.planned_at is None:
-            timed = last_step - first_step >= MIN_TIMED_STEPS and last - first >= MIN_TIMED_SECONDS
-            return timed or step + 1 >= total
-        return last - self.planned_at >= max(REPLAN_MIN_SECONDS, REPLAN_SHARE * self.seconds)
+            steps = sum(n for n, _, _ in self.timed_spans)
+            seconds = sum(t for _, t, _ in self.timed_spans)
+            enough = steps >= MIN_TIMED_STEPS and seconds >= min(MIN_TIMED_SECONDS, REPLAN_SHARE * self.seconds)
+            return enough or step + 1 >= total
+        return self.clock.now() - self.planned_at >= self._interval()
 
     def _step_time(self) -> float:
-        """Seconds per step over the last WINDOW replanning intervals of this epoch (the last estimate when too few
-        steps of it are timed)."""
-        last_step, last = self.points[-1]
-        horizon = last - WINDOW * max(REPLAN_MIN_SECONDS, REPLAN_SHARE * self.seconds)
-        first_step, first = next(((s, t) for s, t in self.points if t >= horizon), self.points[0])
-        if first_step == last_step and self.step_seconds is None:
-            first_step, first = self.points[0]
-        if last_step > first_step and (last_step - first_step >= MIN_TIMED_STEPS or self.step_seconds is None):
-            return (last - first) / (last_step - first_step)
-        return self.step_seconds
+        """Seconds per step over the spans of the last WINDOW replanning intervals, reaching further back for at
+        least MIN_TIMED_STEPS steps."""
+        horizon = self.timed_spans[-1][2] - WINDOW * self._interval()
+        steps = seconds = 0.0
+        for n, t, end in reversed(self.timed_spans):
+            if end < horizon and steps >= MIN_TIMED_STEPS:
+                break
+            steps, seconds = steps + n, seconds + t
+        return seconds / steps
 
     def plan(self, step: int) -> int:
         """The total steps that end the run at the budget, seen from `step`: at least one more step, so that the
@@ -158,7 +166,7 @@ class Filler:
         self.step_seconds = max(self._step_time(), 1e-9)  # a clock too coarse to see a step
         now = self.clock.now()
         if self.planned_at is None:
-            self.setup_seconds = self.spent() - (self.points[-1][0] - self.points[0][0]) * self.step_seconds
+            self.setup_seconds = self.spent() - sum(t for _, t, _ in self.timed_spans)
         self.planned_at, self.plans = now, self.plans + 1
         left = self.seconds - self.spent() - EXIT_SECONDS
         lo, hi = step + 1, step + 1 + max(0, math.floor(left / self.step_seconds))
