@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+from pathlib import Path
 from typing import Any
 
 from .. import config as cfg
@@ -54,6 +55,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     config = _config(args)
     if args.resume and not os.path.isdir(args.resume):
         raise ConfigError(f"--resume {args.resume}: no such run directory")
+    clock = budget.Clock.since_process_start()
+    if config.time and config.model is None and config.recipe is None and not args.resume and args.nproc in (None, 1):
+        return _measured_choice(args, config, clock)
     choice = None if args.resume else defaults.default_choice(config)
     if choice is not None:
         if not (args.quiet or args.json):
@@ -66,8 +70,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         return None
     with distributed.peer_failures_as_errors():
         try:
-            result = train(config, resume=args.resume, progress=not (args.quiet or args.json),
-                           clock=budget.Clock.since_process_start())
+            result = train(config, resume=args.resume, progress=not (args.quiet or args.json), clock=clock)
         finally:
             distributed.teardown()
     if not (args.quiet or args.json) and result.run_dir:
@@ -100,6 +103,40 @@ def _config(args: argparse.Namespace) -> cfg.TrainConfig:
         layers.append(saved)
     layers.append(typed)
     return cfg.merge(cfg.TrainConfig, *layers, source=args.config or "command line")
+
+
+def _measured_choice(args: argparse.Namespace, config: cfg.TrainConfig, clock: budget.Clock) -> dict[str, Any] | None:
+    """--time without --model: the candidates tried (trainforge/choose.py), the plan printed and saved in the run
+    directory, and the winner trained for the rest of the budget."""
+    from .. import runs
+    from ..choose import PLAN_FILE, choose_model
+
+    quiet = args.quiet or args.json
+    plan = choose_model(config, clock, progress=not quiet)
+    if not quiet:
+        print(plan.table())
+    winner = plan.winning()
+    config = dataclasses.replace(config, out=config.out or str(runs.default_run_dir()), **winner.train_options())
+    Path(config.out).mkdir(parents=True, exist_ok=True)
+    plan.save(Path(config.out) / PLAN_FILE)
+    if winner.kind == "prototypes":
+        from ..fewshot.command import fewshot
+
+        result = fewshot({"source": winner.model, "shots": [float(winner.shots)], "data": config.data, "data_dir": config.data_dir,
+                          "image_size": winner.image_size, "seed": config.seed, "device": config.device,
+                          "out": config.out}, progress=not quiet, clock=clock)
+    elif winner.pretrained:
+        from ..finetune.command import finetune
+
+        given = {k: v for k, v in cfg.to_dict(config).items() if v != cfg.to_dict(cfg.TrainConfig())[k]}
+        result = finetune({"source": winner.model, "strategy": winner.kind}, given, progress=not quiet, clock=clock)
+    else:
+        from .loop import train
+
+        result = train(config, progress=not quiet, clock=clock).to_dict()
+    if not quiet and result.get("run_dir"):
+        print(f"{winner.name}: test accuracy {result['test_acc']:.4f}; run saved to {result['run_dir']}")
+    return {**result, "plan": plan.to_dict()} if result.get("run_dir") else None
 
 
 def _take_choice(args: argparse.Namespace, config: cfg.TrainConfig, choice: defaults.Choice) -> cfg.TrainConfig:
