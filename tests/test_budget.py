@@ -108,6 +108,24 @@ def test_resume_uses_what_is_left_of_the_budget(tmp_path, mnist_small):
     assert abs(resumed.steps - whole.steps) <= 2
 
 
+def test_the_final_evaluation_is_costed_from_a_timed_one():
+    fake = FakeClock()
+    filler = budget.Filler("10s", budget.Clock(fake.now, 0.0), steps_per_epoch=1000, batch_size=100,
+                           eval_images=1000, final_eval_images=1000)
+    for step in range(11):
+        filler.timed(step)
+        fake.t += STEP
+    fake.t -= STEP
+
+    def evaluate():  # 100 images in 0.1 s
+        fake.t += 0.1
+    filler.time_evaluation(evaluate, 100)
+    # 0.7 s spent (10 steps and two timed evaluations) and 1 s kept for the exit leave 8.3 s: 1 s for the final
+    # evaluation of 1,000 images, 7.3 s for 146 more steps.
+    assert filler.eval_image_seconds == pytest.approx(0.001)
+    assert 155 <= filler.plan(10) <= 156
+
+
 def test_a_stretched_schedule_goes_on_from_where_it_was():
     schedule = Schedule("onecycle", 0.2, 100)
     before = schedule(50)

@@ -289,6 +289,14 @@ def _fill(run: Run) -> None:
     filler.timed(state.step)
     if not filler.due(state.step, run.total_steps):
         return
+    if filler.eval_image_seconds is None:
+        n = min(len(run.test_labels), run.config.batch_size)
+
+        def evaluate() -> None:
+            eval_totals(run.parts.model, run.test_images[:n], run.test_labels[:n], run.eval_batch_size,
+                        run.parts.device, run.config.eval_precision)
+            synchronize(run.parts.device)
+        filler.time_evaluation(evaluate, n)
     total = filler.plan(state.step)
     error = filler.too_small(state.step, total, run.config.model)
     if error is not None:
