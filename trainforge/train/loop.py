@@ -290,7 +290,8 @@ def _fill(run: Run) -> None:
     if not filler.due(state.step, run.total_steps):
         return
     if filler.eval_image_seconds is None:
-        n = min(len(run.test_labels), run.config.batch_size)
+        # Up to an evaluation batch (at most 4 training batches): smaller ones cost more per image than the whole.
+        n = min(len(run.test_labels), run.eval_batch_size, 4 * run.config.batch_size)
 
         def evaluate() -> None:
             eval_totals(run.parts.model, run.test_images[:n], run.test_labels[:n], run.eval_batch_size,
