@@ -88,11 +88,23 @@ def test_a_machine_that_slows_down_shortens_the_rest_of_the_schedule(tmp_path, m
 
 def test_a_budget_too_small_says_what_it_would_need(tmp_path, mnist_small):
     clock = FakeClock()
-    with pytest.raises(TrainingError, match=r"--time 1s is too short for linear: .* a step takes 50\.0 ms; 10 steps "
+    with pytest.raises(TrainingError, match=r"--time 1.5s is too short for linear: .* a step takes 50\.0 ms; 10 steps "
                                             r"and the final evaluation need about \d+ s"):
-        trainforge.train({"model": "linear", "batch_size": 100, "time": "1s", "out": str(tmp_path / "r"),
+        trainforge.train({"model": "linear", "batch_size": 100, "time": "1.5s", "out": str(tmp_path / "r"),
                           "tensorboard": False}, data=mnist_small, progress=False,
                          hooks=Hooks(loss_fn=clock.loss), clock=budget.Clock(clock.now, 0.0))
+
+
+def test_a_budget_gone_before_the_first_step_stops_there():
+    fake = FakeClock()
+    filler = budget.Filler("10s", budget.Clock(fake.now, 0.0), steps_per_epoch=10, batch_size=10, eval_images=10,
+                           final_eval_images=10)
+    fake.t = 8.9
+    filler.check_start("cnn")
+    fake.t = 9.0  # the exit's reserve is all that is left
+    with pytest.raises(TrainingError, match=r"--time 10s is too short for cnn: 9\.0 s went to loading and planning "
+                                            r"before its first step"):
+        filler.check_start("cnn")
 
 
 def test_resume_uses_what_is_left_of_the_budget(tmp_path, mnist_small):

@@ -63,11 +63,14 @@ def test_a_built_in_sets_default_stays_unless_clearly_beaten():
     assert folder.winner == "fashion_cnn"
 
 
-def test_candidates_fit_the_data(mnist_small, mnist_png_folder):
-    names = [c.name for c in candidates_for(cfg.TrainConfig(data="mnist"), mnist_small)]
-    assert names[0] == "linear" and "cnn@28" in names and "fashion_cnn" in names  # 28 px: no 224 px fine-tune
+def test_candidates_fit_the_data(mnist_small, mnist_jpeg_folder):
+    found = candidates_for(cfg.TrainConfig(data="mnist"), mnist_small)
+    names = [c.name for c in found]
+    assert names[0] == "linear" and "cnn@28" in names and "fashion_cnn" in names
+    assert not any(c.pretrained for c in found)  # 28 px: too small for ImageNet features
     from trainforge.data import load_data
 
-    folder = load_data(str(mnist_png_folder / "train"))  # 20 digits per class: too few to train from scratch
-    kinds = {c.kind for c in candidates_for(cfg.TrainConfig(data=str(mnist_png_folder)), folder)}
-    assert {"scratch", "linear-probe", "lora", "full"} <= kinds
+    folder = load_data(str(mnist_jpeg_folder))  # 128 px RGB photos-like, 10 per class
+    found = candidates_for(cfg.TrainConfig(data=str(mnist_jpeg_folder)), folder)
+    assert {c.name for c in found} == {"cnn@64", "efficientnet_lite0 linear-probe@112", "efficientnet_lite0 lora@112",
+                                       "efficientnet_lite0 full@112", "efficientnet_lite0 prototypes"}

@@ -136,7 +136,7 @@ def candidates_for(config: cfg.TrainConfig, bundle: DataBundle) -> list[Candidat
     default = next(iter(recipes.DATASET_RECIPES.get(config.data, {})), None)
     if default is not None and default not in {c.model for c in found}:
         found.insert(0, Candidate(default, "scratch", default))
-    if side >= defaults.PRETRAINED_MIN_SIDE or per_class < defaults.SCRATCH_GRAYSCALE_PER_CLASS:
+    if side >= defaults.PRETRAINED_MIN_SIDE:  # smaller images are too small for ImageNet features (defaults.py)
         source = defaults.PRETRAINED_SOURCE
         found += [Candidate(f"{source} linear-probe@{PRETRAINED_SIDE}", "linear-probe", source, PRETRAINED_SIDE),
                   Candidate(f"{source} lora@{PRETRAINED_SIDE}", "lora", source, PRETRAINED_SIDE),

@@ -157,7 +157,8 @@ class Filler:
             steps = sum(n for n, _, _ in self.timed_spans)
             seconds = sum(t for _, t, _ in self.timed_spans)
             enough = steps >= MIN_TIMED_STEPS and seconds >= min(MIN_TIMED_SECONDS, REPLAN_SHARE * self.seconds)
-            return enough or step + 1 >= total
+            # Slow steps are planned from fewer of them, before half the budget is gone.
+            return enough or step + 1 >= total or self.spent() >= self.seconds / 2
         return self.clock.now() - self.planned_at >= self._interval()
 
     def _step_time(self) -> float:
@@ -200,6 +201,12 @@ class Filler:
         ends = max(0, math.ceil(total / spe) - max(1, math.ceil(step / spe)))
         return ((total - step) * self.step_seconds + ends * (per_image * self.eval_images + self.save_seconds)
                 + per_image * self.final_eval_images + 2 * self.save_seconds)
+
+    def check_start(self, model: str) -> None:
+        """Raises the too-short error when the budget is gone before the first step (loading, caching, planning)."""
+        if self.spent() >= self.seconds - EXIT_SECONDS:
+            raise TrainingError(f"--time {self.text} is too short for {model}: {self.spent():.1f} s went to loading "
+                                f"and planning before its first step")
 
     def too_small(self, step: int, total: int, model: str) -> TrainingError | None:
         """The error of a first plan that leaves fewer than MIN_STEPS steps, or None."""

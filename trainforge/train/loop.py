@@ -195,6 +195,8 @@ def train(config: cfg.TrainConfig | dict | None = None, *, resume: str | os.Path
                 scale_epochs=scale, clock=clock)
     run.start()
     try:
+        if run.filler is not None:
+            run.filler.check_start(run.config.model)
         while run.state.epoch < run.num_epochs:
             epoch_start = time.perf_counter()
             steps, train_seconds = train_one_epoch(run)
