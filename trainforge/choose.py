@@ -163,7 +163,7 @@ def choose_model(config: cfg.TrainConfig, clock: budget.Clock, *, bundle: DataBu
     split = holdout_split(bundle, config.val_fraction, config.seed)
     found = candidates or candidates_for(config, bundle)
     share = seconds * SEARCH_SHARE / len(found)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failed trial is a row of the table, not a traceback
     study = optuna.create_study(direction="maximize", storage=storage, study_name=study_name,
                                 load_if_exists=storage is not None,
                                 pruner=optuna.pruners.SuccessiveHalvingPruner(min_resource=1))
