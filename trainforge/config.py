@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import functools
 import json
+import re
 import reprlib
 import types
 import typing
@@ -29,13 +30,31 @@ _short.maxlevel, _short.maxlist, _short.maxdict, _short.maxstring, _short.maxoth
 
 
 def option(default: Any, help: str, *, choices: tuple | None = None, low: float | None = None,
-           high: float | None = None, positive: bool = False, auto: bool = False) -> Any:
+           high: float | None = None, positive: bool = False, auto: bool = False,
+           parse: typing.Callable[[str], Any] | None = None, flag: bool = True) -> Any:
     """A config field with help text and the bounds its values must respect; `auto`: the string "auto" is also a
-    value, which the run replaces by what it chooses."""
-    meta = {"help": help, "choices": choices, "low": low, "high": high, "positive": positive, "auto": auto}
+    value, which the run replaces by what it chooses; `parse`: a string value must pass it (it raises ValueError
+    saying what it expected); `flag=False`: a record the run writes, with no command-line flag."""
+    meta = {"help": help, "choices": choices, "low": low, "high": high, "positive": positive, "auto": auto,
+            "parse": parse, "flag": flag}
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
+
+
+DURATION_FORMS = "a positive number of seconds, minutes or hours: 90s, 5m or 1.5h"
+_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)([smh])")
+_UNIT_SECONDS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds of a duration written as 90s, 5m or 1.5h (the one spelling of every time budget); ValueError naming
+    the value and the accepted forms otherwise."""
+    match = _DURATION.fullmatch(text.strip()) if isinstance(text, str) else None
+    seconds = float(match[1]) * _UNIT_SECONDS[match[2]] if match else 0.0
+    if not seconds > 0 or seconds == float("inf"):
+        raise ValueError(f"expects {DURATION_FORMS}; got {_short.repr(text)}")
+    return seconds
 
 
 @dataclasses.dataclass
@@ -64,6 +83,12 @@ class TrainConfig:
     width: int | None = option(None, "width multiplier input of models that take one (channels or hidden units)",
                                positive=True)
     epochs: float | None = option(None, "training epochs; fractions train part of the last epoch", positive=True)
+    time: str | None = option(None, "time budget of the whole run, e.g. 90s, 5m or 1.5h: data loading, the memory "
+                                    "plan, training, evaluations and the final files end within it, and the "
+                                    "number of steps is set from the measured step time so that the schedule "
+                                    "ends at the budget (instead of --epochs)", parse=parse_duration)
+    time_plan: dict[str, Any] | None = option(None, "what a --time run measured and resolved: the budget, the step time, "
+                                          "the steps and epochs", flag=False)
     # batch_size and lr also take "auto"; the run records the number it chose in its config.yaml.
     batch_size: int | None = option(None, "global batch size (split across processes), or auto: on a GPU the largest "
                                           "power of two that fits, on the CPU the size past which samples/s stops "
@@ -170,6 +195,11 @@ def _coerce(cls: type, name: str, value: Any, source: str) -> Any:
     elif base is str:
         if not isinstance(value, str):
             raise ConfigError(f"{where} expects a string, got {_short.repr(value)}")
+        if meta.get("parse"):
+            try:
+                meta["parse"](value)
+            except ValueError as exc:
+                raise ConfigError(f"{where} {exc}") from None
     elif get_origin(base) is list:
         if not isinstance(value, (list, tuple)) or not all(
                 isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
@@ -268,7 +298,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str
     """
     hints = _field_types(cls)
     for f in dataclasses.fields(cls):
-        if f.name in skip:
+        if f.name in skip or not f.metadata.get("flag", True):
             continue
         flag = "--" + f.name.replace("_", "-")
         base = _base_type(hints[f.name])
@@ -335,4 +365,4 @@ def merge(cls: type[T], *layers: typing.Mapping[str, Any], source: str = "config
 
 
 __all__ = ["TrainConfig", "from_dict", "load_file", "dumps", "to_dict", "to_json", "add_arguments", "merge",
-           "typed_options", "validate", "option"]
+           "typed_options", "validate", "option", "parse_duration"]

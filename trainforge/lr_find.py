@@ -29,7 +29,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--start-lr", type=float, default=lr_range.START_LR, help="first learning rate tried")
     parser.add_argument("--end-lr", type=float, default=lr_range.END_LR, help="last learning rate tried")
     cfg.add_arguments(parser.add_argument_group("training options (what the rate is for)"), cfg.TrainConfig,
-                      skip=("lr", "epochs", "out", "tensorboard", "checkpoint_every", "checkpoint_minutes",
+                      skip=("lr", "epochs", "time", "out", "tensorboard", "checkpoint_every", "checkpoint_minutes",
                             "target_acc", "parallel"))
 
 

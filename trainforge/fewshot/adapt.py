@@ -8,6 +8,9 @@ the same registered architecture. The centring mean stays as it was frozen, and 
 
 from __future__ import annotations
 
+import itertools
+from typing import Callable
+
 import torch
 from torch.nn import functional as F
 
@@ -21,23 +24,24 @@ LORA_ALPHA_PER_RANK = 2.0
 LORA_BATCH = 64
 
 
-def adapt_head(model: Classifier, features: torch.Tensor, labels: torch.Tensor, steps: int,
-               lr: float) -> tuple[float, float]:
-    """Fits the prototype rows and biases to the shots' encoder `features`; returns the shots' loss before and
-    after."""
+def adapt_head(model: Classifier, features: torch.Tensor, labels: torch.Tensor, steps: int | None, lr: float,
+               stop: Callable[[], bool] | None = None) -> tuple[float, float]:
+    """Fits the prototype rows and biases to the shots' encoder `features` for `steps` steps (or until `stop`
+    says so); returns the shots' loss before and after."""
     head = model.net.head
     weight, bias, losses = fit_linear(head.normalize(features), labels, head.linear.weight, head.linear.bias,
-                                      scale=float(head.scale), steps=steps, lr=lr)
+                                      scale=float(head.scale), steps=steps, lr=lr, stop=stop)
     with torch.no_grad():
         head.linear.weight.copy_(weight)
         head.linear.bias.copy_(bias)
     return losses
 
 
-def adapt_lora(model: Classifier, images: torch.Tensor, labels: torch.Tensor, *, rank: int, steps: int, lr: float,
-               device: torch.device, precision: str, seed: int) -> tuple[float, float]:
-    """Trains LoRA adapters on the encoder and the prototype layer on the shots' images, then merges the adapters;
-    returns the loss of the first and the last step."""
+def adapt_lora(model: Classifier, images: torch.Tensor, labels: torch.Tensor, *, rank: int, steps: int | None,
+               lr: float, device: torch.device, precision: str, seed: int,
+               stop: Callable[[], bool] | None = None) -> tuple[float, float]:
+    """Trains LoRA adapters on the encoder and the prototype layer on the shots' images for `steps` steps (or until
+    `stop` says so), then merges the adapters; returns the loss of the first and the last step."""
     from ..finetune.strategies import apply_lora, merge_lora
 
     model.net = apply_lora(model.net, "head.linear", rank, LORA_ALPHA_PER_RANK * rank, 0.0, None)
@@ -47,7 +51,7 @@ def adapt_lora(model: Classifier, images: torch.Tensor, labels: torch.Tensor, *,
     gen = torch.Generator().manual_seed(seed)
     losses = []
     try:
-        for _ in range(steps):
+        for _ in itertools.count() if steps is None else range(steps):
             batch = torch.randperm(len(labels), generator=gen)[:LORA_BATCH]
             with autocast(device, precision):
                 logits = model(images[batch].to(device))
@@ -56,6 +60,8 @@ def adapt_lora(model: Classifier, images: torch.Tensor, labels: torch.Tensor, *,
             loss.backward()
             optimizer.step()
             losses.append(loss.item())
+            if stop is not None and stop():
+                break
     finally:
         model.net = merge_lora(model.net)
         model.cpu().requires_grad_(True)

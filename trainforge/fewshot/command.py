@@ -43,6 +43,7 @@ from ..errors import ConfigError
 from ..finetune.update import load_old_task
 from ..models.fewshot import fewshot_arch
 from ..models.registry import effective_width
+from ..train.budget import EXIT_SECONDS, Clock, Deadline
 from . import adapt, encoders, prototypes
 
 
@@ -67,6 +68,9 @@ class FewshotConfig:
                             "(0: the whole test split)", low=0)
     adapt: bool = option(False, "fine-tune the prototypes on the shots (cross-entropy, AdamW) after making them")
     adapt_steps: int = option(100, "--adapt: optimizer steps", positive=True)
+    time: str | None = option(None, "--adapt: time budget of the whole run, e.g. 90s, 5m or 1.5h; the fine-tune "
+                                    "takes as many steps as fit in what is left of it (instead of --adapt-steps)",
+                              parse=cfg.parse_duration)
     adapt_lr: float = option(1e-2, "--adapt: learning rate", positive=True)
     lora_rank: int = option(0, "--adapt: also train LoRA adapters of this rank on the encoder (merged "
                                "afterwards; 0: the head alone)", low=0)
@@ -92,10 +96,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    from ..train.budget import Clock
+
     names = {f.name for f in dataclasses.fields(FewshotConfig)}
-    options = cfg.from_dict(FewshotConfig, {k: v for k, v in vars(args).items() if k in names},
-                            source="command line")
-    result = fewshot(options, progress=not (args.quiet or args.json))
+    typed = {k: v for k, v in vars(args).items() if k in names}
+    if "time" in typed and "adapt_steps" in typed:
+        raise ConfigError(f"--time {typed['time']} and --adapt-steps {typed['adapt_steps']} exclude each other: a "
+                          f"time budget sets the steps from the measured step time")
+    options = cfg.from_dict(FewshotConfig, typed, source="command line")
+    result = fewshot(options, progress=not (args.quiet or args.json), clock=Clock.since_process_start())
     if not (args.quiet or args.json):
         _print(result)
     return result
@@ -125,16 +134,19 @@ def _pm(value: dict[str, float]) -> str:
 
 
 def fewshot(options: FewshotConfig | dict[str, Any], *, data: DataBundle | None = None,
-            old_data: DataBundle | None = None, progress: bool = True) -> dict[str, Any]:
+            old_data: DataBundle | None = None, progress: bool = True, clock: Clock | None = None) -> dict[str, Any]:
     """Makes (or, with `add`, extends) a prototype classifier, measures it, and writes its run directory.
 
     `data` replaces loading `options.data`, and `old_data` (with `add`) the data the extended run was made from.
-    Returns the summary written to the run's summary.json (accuracies in 0-1).
+    Returns the summary written to the run's summary.json (accuracies in 0-1). A time budget (`time`) counts from
+    `clock`'s start (default: this call).
     """
     from ..train.device import resolve_device, resolve_precision
 
     if isinstance(options, dict):
         options = cfg.from_dict(FewshotConfig, options, source="fewshot options")
+    clock = clock or Clock()
+    clock.start = clock.now() if clock.start is None else clock.start
     shots = _check(options)
     device = resolve_device(options.device)
     precision = resolve_precision(options.precision, device)
@@ -148,7 +160,7 @@ def fewshot(options: FewshotConfig | dict[str, Any], *, data: DataBundle | None 
         if options.pool and options.pool < shots[-1] + options.queries:
             raise ConfigError(f"--pool {options.pool}: {shots[-1]}-shot episodes with {options.queries} queries "
                               f"need at least {shots[-1] + options.queries} images per class")
-    env = _Env(options, shots, bundle, device, precision)
+    env = _Env(options, shots, bundle, device, precision, clock)
     return _extend(env, old_data, progress) if options.add else _create(env, progress)
 
 
@@ -168,6 +180,9 @@ def _check(options: FewshotConfig) -> list[int]:
         raise ConfigError(f"--ways {options.ways} sets the classes of each episode: add --episodes E")
     if options.lora_rank and not options.adapt:
         raise ConfigError("--lora-rank applies to --adapt")
+    if options.time and not options.adapt:
+        raise ConfigError(f"--time {options.time} budgets --adapt's fine-tune; without --adapt a few-shot classifier "
+                          f"trains nothing")
     return shots
 
 
@@ -180,6 +195,7 @@ class _Env:
     bundle: DataBundle
     device: torch.device
     precision: str
+    clock: Clock
 
     def embed(self, model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
         return encoders.embed(model, images, self.device, self.precision, self.options.batch_size)
@@ -215,7 +231,9 @@ def _create(env: _Env, progress: bool) -> dict[str, Any]:
     episodes, episode_seconds = _timed(_episodes, env, pool_features, bundle.test.labels[pool], bundle.classes)
     summary: dict[str, Any] = {"adapt": None}
     if options.adapt:
-        summary["adapt"] = _adapt(env, model, bundle.train.images[support], labels, features)
+        # The pool is embedded again after LoRA changed the encoder; the files are written last.
+        after = pool_seconds if options.lora_rank else 0.0
+        summary["adapt"] = _adapt(env, model, bundle.train.images[support], labels, features, after)
         if options.lora_rank:  # the encoder changed: measure with its new features
             pool_features = env.embed(model, bundle.test.images[pool])
     summary.update(test_acc=_accuracy(head, pool_features, bundle.test.labels[pool]), test_samples=len(pool),
@@ -248,15 +266,21 @@ def _episodes(env: _Env, features: torch.Tensor, labels: torch.Tensor, classes: 
 
 
 def _adapt(env: _Env, model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
-           features: torch.Tensor) -> dict[str, Any]:
+           features: torch.Tensor, after_seconds: float) -> dict[str, Any]:
+    """--adapt; with --time its steps run until what is left of the budget, less `after_seconds` (what follows
+    it) and the exit's reserve, is used."""
     options = env.options
     torch.manual_seed(options.seed)
+    steps, stop = options.adapt_steps, None
+    if options.time:
+        steps = None
+        stop = Deadline(env.clock, env.clock.start + cfg.parse_duration(options.time) - after_seconds - EXIT_SECONDS)
     if options.lora_rank:
-        losses = adapt.adapt_lora(model, images, labels, rank=options.lora_rank, steps=options.adapt_steps,
-                                  lr=options.adapt_lr, device=env.device, precision=env.precision, seed=options.seed)
+        losses = adapt.adapt_lora(model, images, labels, rank=options.lora_rank, steps=steps, lr=options.adapt_lr,
+                                  device=env.device, precision=env.precision, seed=options.seed, stop=stop)
     else:
-        losses = adapt.adapt_head(model, features, labels, options.adapt_steps, options.adapt_lr)
-    return {"steps": options.adapt_steps, "lr": options.adapt_lr, "lora_rank": options.lora_rank,
+        losses = adapt.adapt_head(model, features, labels, steps, options.adapt_lr, stop=stop)
+    return {"steps": steps or stop.steps, "lr": options.adapt_lr, "lora_rank": options.lora_rank, "time": options.time,
             "loss_before": losses[0], "loss_after": losses[1]}
 
 

@@ -7,7 +7,9 @@ Everything here works on features already computed: a pool of images is embedded
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
+from typing import Callable
 
 import torch
 from torch.nn import functional as F
@@ -121,10 +123,11 @@ def mean_ci(values: list[float]) -> dict[str, float]:
 
 
 def fit_linear(features: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *,
-               scale: float = 1.0, steps: int = 100, lr: float = 1e-2
-               ) -> tuple[torch.Tensor, torch.Tensor, tuple[float, float]]:
+               scale: float = 1.0, steps: int | None = 100, lr: float = 1e-2,
+               stop: Callable[[], bool] | None = None) -> tuple[torch.Tensor, torch.Tensor, tuple[float, float]]:
     """Trains the linear layer (weight [C, D], bias [C]) on `features` [N, D] for `steps` full-batch AdamW steps of
-    cross-entropy on `scale` times its outputs; returns the new weight and bias, and the loss before and after."""
+    cross-entropy on `scale` times its outputs (or, with `stop`, until it says so); returns the new weight and bias,
+    and the loss before and after."""
     weight = weight.detach().clone().requires_grad_(True)
     bias = bias.detach().clone().requires_grad_(True)
     optimizer = torch.optim.AdamW([weight, bias], lr=lr, weight_decay=0.0)
@@ -133,9 +136,11 @@ def fit_linear(features: torch.Tensor, labels: torch.Tensor, weight: torch.Tenso
         return F.cross_entropy(torch.addmm(bias, features, weight.t()) * scale, labels)
     with torch.enable_grad():
         before = loss().item()
-        for _ in range(steps):
+        for _ in itertools.count() if steps is None else range(steps):
             optimizer.zero_grad(set_to_none=True)
             loss().backward()
             optimizer.step()
+            if stop is not None and stop():
+                break
         after = loss().item()
     return weight.detach(), bias.detach(), (before, after)

@@ -37,6 +37,7 @@ from ..errors import ConfigError
 from ..models import Preprocess, count_params
 from ..models.registry import effective_width
 from ..train import layout
+from ..train.budget import Clock
 from ..train.loop import Hooks, TrainResult, evaluate, train
 from ..train.plan import EVAL_CAP, PROBE_SIZES, eval_batch_size
 from . import sources, strategies, update
@@ -100,8 +101,12 @@ def _help(cls: type, name: str) -> str:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any] | None:
+    from ..train.budget import Clock, check_exclusive
+
     options = cfg.from_dict(FinetuneConfig, cfg.typed_options(args, FinetuneConfig), source="command line")
-    result = finetune(options, cfg.typed_options(args, cfg.TrainConfig), progress=not (args.quiet or args.json))
+    typed = cfg.typed_options(args, cfg.TrainConfig)
+    check_exclusive(typed)
+    result = finetune(options, typed, progress=not (args.quiet or args.json), clock=Clock.since_process_start())
     if not result.get("run_dir"):
         return None
     if not (args.quiet or args.json):
@@ -131,15 +136,20 @@ class _Job:
 
 def finetune(options: FinetuneConfig | dict[str, Any], train_options: dict[str, Any] | None = None, *,
              data: DataBundle | None = None, old_data: DataBundle | None = None,
-             progress: bool = True) -> dict[str, Any]:
+             progress: bool = True, clock: Clock | None = None) -> dict[str, Any]:
     """Fine-tunes `options.source` on the data of `train_options` and writes a run directory.
 
     `train_options` holds TrainConfig fields the caller sets (the rest come from fine-tuning defaults); `data`
     replaces loading `train_options["data"]`, and `old_data` (with `update`) the source run's own data set.
     Returns train's summary plus `trainable_params` (for `gradual`: at the end), `total_params` and, with `update`,
     `old_task_acc_before`, `old_task_acc` and `new_task_acc` (accuracies in 0-1, on the two tasks' test sets).
+    A time budget (`time`) counts from `clock`'s start (a train.budget.Clock; default: this call), so that loading
+    the source and caching features count against it.
     """
     from ..train.device import resolve_device
+
+    clock = clock or Clock()
+    clock.start = clock.now() if clock.start is None else clock.start
 
     options, config = _configs(options, train_options)
     cache = _resolve_cache(options, config)
@@ -167,7 +177,7 @@ def finetune(options: FinetuneConfig | dict[str, Any], train_options: dict[str, 
                                  precision=layout.choose_precision(config.precision, job.model, device))
     config.eval_precision = layout.choose_eval_precision(config.eval_precision or (None if cache else "auto"),
                                                          config.precision, device)
-    result, feature_seconds = _train(config, job, hooks, cache, device, progress)
+    result, feature_seconds = _train(config, job, hooks, cache, device, progress, clock)
     model = job.model.cpu()
     if options.strategy == "lora":
         model.net = strategies.merge_lora(model.net)
@@ -253,10 +263,10 @@ def _strategy_hooks(options: FinetuneConfig, config: cfg.TrainConfig, source: so
 
 
 def _train(config: cfg.TrainConfig, job: _Job, hooks: Hooks, cache: bool, device: torch.device,
-           progress: bool) -> tuple[TrainResult, float]:
+           progress: bool, clock: Clock) -> tuple[TrainResult, float]:
     """The training loop's result, and the seconds spent caching features first (0 without a cache)."""
     if not cache:
-        return train(config, data=job.bundle, hooks=hooks, progress=progress), 0.0
+        return train(config, data=job.bundle, hooks=hooks, progress=progress, clock=clock), 0.0
     started = time.perf_counter()
     batch_size, note = eval_batch_size(job.model, job.bundle.test.images[:PROBE_SIZES[-1]], device,
                                        config.eval_precision, config.memory_budget, config.eval_batch_size)
@@ -267,7 +277,7 @@ def _train(config: cfg.TrainConfig, job: _Job, hooks: Hooks, cache: bool, device
     feature_seconds = time.perf_counter() - started
     # The loop trains the head alone on the cached features; trained in place, it is already part of the model.
     hooks = Hooks(model=job.head, model_info=hooks.model_info)
-    return train(config, data=bundle, hooks=hooks, progress=progress), feature_seconds
+    return train(config, data=bundle, hooks=hooks, progress=progress, clock=clock), feature_seconds
 
 
 def _forgetting(job: _Job, config: cfg.TrainConfig, device: torch.device) -> dict[str, float]:

@@ -21,7 +21,7 @@ def dataset_defaults() -> list[dict[str, Any]]:
     results = measured()
     rows = []
     for name in BUILTIN_DATASETS:
-        recipe, model, _ = choose(TrainConfig(data=name))
+        recipe, model = choose(TrainConfig(data=name))
         on_set = results.get(name, {})
         rows.append({"data": name, "model": model, "recipe": recipe, "measured": on_set.get(recipe),
                      "measured_recipes": on_set})

@@ -31,11 +31,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+from pathlib import Path
 from typing import Any
 
 from .. import config as cfg
 from ..errors import ConfigError
-from . import defaults
+from . import budget, defaults
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -51,18 +52,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from . import distributed
     from .loop import train
 
-    layers: list[dict[str, Any]] = []
-    if args.config:
-        if args.resume:
-            raise ConfigError("--config and --resume exclude each other: a resumed run uses its saved config")
-        saved = cfg.to_dict(cfg.load_file(cfg.TrainConfig, args.config))
-        # A saved run's `out` says where that run went: re-running it writes a new run unless --out says otherwise.
-        saved["out"] = None
-        layers.append(saved)
-    layers.append(cfg.typed_options(args, cfg.TrainConfig))
-    config = cfg.merge(cfg.TrainConfig, *layers, source=args.config or "command line")
+    config = _config(args)
     if args.resume and not os.path.isdir(args.resume):
         raise ConfigError(f"--resume {args.resume}: no such run directory")
+    clock = budget.Clock.since_process_start()
+    if config.time and config.model is None and config.recipe is None and not args.resume and args.nproc in (None, 1):
+        return _measured_choice(args, config, clock)
     choice = None if args.resume else defaults.default_choice(config)
     if choice is not None:
         if not (args.quiet or args.json):
@@ -75,7 +70,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         return None
     with distributed.peer_failures_as_errors():
         try:
-            result = train(config, resume=args.resume, progress=not (args.quiet or args.json))
+            result = train(config, resume=args.resume, progress=not (args.quiet or args.json), clock=clock)
         finally:
             distributed.teardown()
     if not (args.quiet or args.json) and result.run_dir:
@@ -86,13 +81,69 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return result.to_dict() if result.run_dir else None
 
 
+def _config(args: argparse.Namespace) -> cfg.TrainConfig:
+    """The run's config: the saved one of --config (if any) under the flags typed."""
+    typed = cfg.typed_options(args, cfg.TrainConfig)
+    budget.check_exclusive(typed)
+    layers: list[dict[str, Any]] = []
+    if args.config:
+        if args.resume:
+            raise ConfigError("--config and --resume exclude each other: a resumed run uses its saved config")
+        saved = cfg.to_dict(cfg.load_file(cfg.TrainConfig, args.config))
+        # A saved run's `out` says where that run went: re-running it writes a new run unless --out says otherwise.
+        saved["out"], plan = None, saved.pop("time_plan")
+        if saved["time"] is not None and saved["epochs"] is not None and "time" not in typed:
+            if "epochs" not in typed and not (args.quiet or args.json):
+                steps = f"{plan['steps']:,} steps, " if plan else ""
+                print(f"{args.config}: re-running the {steps}{saved['epochs']:g} epochs its --time {saved['time']} "
+                      f"resolved, not the time budget (pass --time to fill one again)")
+            saved["time"] = None
+        elif "time" in typed:
+            saved["epochs"] = None  # the new budget sets them
+        layers.append(saved)
+    layers.append(typed)
+    return cfg.merge(cfg.TrainConfig, *layers, source=args.config or "command line")
+
+
+def _measured_choice(args: argparse.Namespace, config: cfg.TrainConfig, clock: budget.Clock) -> dict[str, Any] | None:
+    """--time without --model: the candidates tried (trainforge/choose.py), the plan printed and saved in the run
+    directory, and the winner trained for the rest of the budget."""
+    from .. import runs
+    from ..choose import PLAN_FILE, choose_model
+
+    quiet = args.quiet or args.json
+    plan = choose_model(config, clock, progress=not quiet)
+    if not quiet:
+        print(plan.table())
+    winner = plan.winning()
+    config = dataclasses.replace(config, out=config.out or str(runs.default_run_dir()), **winner.train_options())
+    Path(config.out).mkdir(parents=True, exist_ok=True)
+    plan.save(Path(config.out) / PLAN_FILE)
+    if winner.kind == "prototypes":
+        from ..fewshot.command import fewshot
+
+        result = fewshot({"source": winner.model, "shots": [float(winner.shots)], "data": config.data, "data_dir": config.data_dir,
+                          "image_size": winner.image_size, "seed": config.seed, "device": config.device,
+                          "out": config.out}, progress=not quiet, clock=clock)
+    elif winner.pretrained:
+        from ..finetune.command import finetune
+
+        given = {k: v for k, v in cfg.to_dict(config).items() if v != cfg.to_dict(cfg.TrainConfig())[k]}
+        result = finetune({"source": winner.model, "strategy": winner.kind}, given, progress=not quiet, clock=clock)
+    else:
+        from .loop import train
+
+        result = train(config, progress=not quiet, clock=clock).to_dict()
+    if not quiet and result.get("run_dir"):
+        print(f"{winner.name}: test accuracy {result['test_acc']:.4f}; run saved to {result['run_dir']}")
+    return {**result, "plan": plan.to_dict()} if result.get("run_dir") else None
+
+
 def _take_choice(args: argparse.Namespace, config: cfg.TrainConfig, choice: defaults.Choice) -> cfg.TrainConfig:
-    """`config` with the chosen model (and epochs, unless given), also set as if typed, so that config.yaml and
-    every launched process carry the choice instead of making it again."""
+    """`config` with the chosen model, also set as if typed, so that config.yaml and every launched process carry
+    the choice instead of making it again."""
     args.model = choice.model
-    if config.epochs is None and choice.epochs is not None:
-        args.epochs = choice.epochs
-    return dataclasses.replace(config, model=args.model, epochs=getattr(args, "epochs", config.epochs))
+    return dataclasses.replace(config, model=args.model)
 
 
 def _finetune(args: argparse.Namespace, config: cfg.TrainConfig, choice: defaults.Choice) -> dict[str, Any] | None:
@@ -105,7 +156,8 @@ def _finetune(args: argparse.Namespace, config: cfg.TrainConfig, choice: default
     unset = cfg.to_dict(cfg.TrainConfig())
     # The fine-tuning defaults fill what the user left unset; the multi-process strategy does not apply.
     given = {k: v for k, v in cfg.to_dict(config).items() if v != unset[k] and k != "parallel"}
-    result = finetune({"source": choice.model}, given, progress=not (args.quiet or args.json))
+    result = finetune({"source": choice.model}, given, progress=not (args.quiet or args.json),
+                      clock=budget.Clock.since_process_start())
     if result.get("run_dir") and not (args.quiet or args.json):
         print(f"test accuracy {result['test_acc']:.4f} after {result['epochs']:g} epochs of fine-tuning in "
               f"{result['train_seconds']:.2f} s; run saved to {result['run_dir']}")

@@ -28,7 +28,7 @@ from ..errors import ConfigError, TrainingError
 from ..hardware import memory
 from ..models import build_classifier
 from ..models.registry import effective_width
-from . import checkpoint, distributed, layout, plan, recipes
+from . import budget, checkpoint, distributed, layout, plan, recipes
 from .device import autocast, configure_backends, configure_host_allocator, resolve_device, synchronize
 from .monitor import Monitor
 from .progress import ProgressReporter
@@ -89,6 +89,8 @@ class TrainState:
     loss_sum: float = 0.0  # this epoch's summed step losses, as far as moved to the host
     loss_count: int = 0  # steps summed into loss_sum
     accumulate: int = 0  # micro-batches per step since an out-of-memory recovery; 0: as planned
+    total_steps: int = 0  # the steps a time budget planned last; 0: as the config's epochs say
+    budget_spent: float = 0.0  # seconds of a time budget used by earlier processes of this run
     metrics: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # one record per finished epoch
 
     def counters(self) -> dict[str, Any]:
@@ -139,6 +141,7 @@ class Run:
     stopped_early: bool = False
     eval_batch_size: int = plan.EVAL_CAP
     recoveries: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # this epoch's, for metrics.jsonl
+    filler: budget.Filler | None = None  # plans the steps of a --time run
     faults: dict[str, int] = dataclasses.field(default_factory=dict)  # OOM_ENV's, not yet raised
     evaluations: int = 0
 
@@ -148,6 +151,8 @@ class Run:
 
     def save(self, epoch_end: bool = False) -> None:
         p = self.parts
+        if self.filler is not None:
+            self.state.budget_spent, self.state.total_steps = self.filler.spent(), self.total_steps
         self.checkpointer.save(p.model, p.optimizer, p.scheduler, p.scaler, self.state.counters(), self.state.metrics,
                                epoch_end=epoch_end)
 
@@ -167,22 +172,31 @@ class Run:
 
 
 def train(config: cfg.TrainConfig | dict | None = None, *, resume: str | os.PathLike | None = None,
-          data: DataBundle | None = None, hooks: Hooks | None = None, progress: bool = True) -> TrainResult:
+          data: DataBundle | None = None, hooks: Hooks | None = None, progress: bool = True,
+          clock: budget.Clock | None = None) -> TrainResult:
     """Trains a model as `config` says and writes a run directory; returns the final metrics.
 
     `resume` continues the run in that directory from its last checkpoint (its saved config wins, except for
     fields passed explicitly in `config`); `data` replaces loading `config.data`; `hooks` let other verbs reuse
-    this loop.
+    this loop. With `config.time` the run fills that budget (budget.py), timed by `clock` (default: from this call).
     """
     if isinstance(config, dict):
         config = cfg.from_dict(cfg.TrainConfig, config)
     config = config or cfg.TrainConfig()
+    clock = clock or budget.Clock()
+    if clock.start is None:
+        clock.start = clock.now()
     saved: dict[str, Any] | None = None
     if resume is not None:
         config, saved = checkpoint.load_resume(Path(resume), config)
-    run = setup(recipes.resolve(config), data, hooks or Hooks(), saved, progress, resuming=resume is not None)
+    # Epochs a user (or a saved config, or a tune trial) gives are trained as given; a recipe's scale to the data.
+    scale = config.epochs is None and config.time is None
+    run = setup(recipes.resolve(config), data, hooks or Hooks(), saved, progress, resuming=resume is not None,
+                scale_epochs=scale, clock=clock)
     run.start()
     try:
+        if run.filler is not None:
+            run.filler.check_start(run.config.model)
         while run.state.epoch < run.num_epochs:
             epoch_start = time.perf_counter()
             steps, train_seconds = train_one_epoch(run)
@@ -194,11 +208,15 @@ def train(config: cfg.TrainConfig | dict | None = None, *, resume: str | os.Path
 
 
 def setup(config: cfg.TrainConfig, data: DataBundle | None, hooks: Hooks, saved: dict[str, Any] | None,
-          progress: bool, resuming: bool = False) -> Run:
+          progress: bool, resuming: bool = False, scale_epochs: bool = False,
+          clock: budget.Clock | None = None) -> Run:
     """Device, data, model, memory plan, optimizer, run directory and (when resuming) the saved state, in that
-    order; every automatic choice is written into the run's config.yaml and said in one line."""
+    order; every automatic choice is written into the run's config.yaml and said in one line. `scale_epochs`: the
+    recipe's epochs scale to the data (recipes.scale_to_data)."""
     device = resolve_device(config.device)
     rank, world = distributed.setup(device)
+    if config.time is not None and world > 1:
+        raise ConfigError(f"--time {config.time} plans the steps of one process; several processes take --epochs")
     configure_backends(device)
     configure_host_allocator()
     torch.manual_seed(config.seed)
@@ -215,9 +233,13 @@ def setup(config: cfg.TrainConfig, data: DataBundle | None, hooks: Hooks, saved:
 
         config, note = auto_lr(config, model, loader, device, precision)
         notes.append(note)
+    if scale_epochs:
+        config, note = recipes.scale_to_data(config, len(bundle.train.labels))
+        notes.append(note)
     if progress and rank == 0:
         print("\n".join(notes), file=sys.stderr)
-    total_steps = max(1, math.ceil(config.epochs * len(loader)))
+    # The tolerance keeps epochs recorded as steps / steps per epoch (a time budget's) at exactly those steps.
+    total_steps = max(1, math.ceil(config.epochs * len(loader) - 1e-6))
     # Counts the FLOPs per sample now, while `model` is still whole (FSDP shards it below).
     monitor = Monitor(model, test_images[:1], device, precision, world_size=world, sample_gpu=rank == 0)
     parts = _step_parts(config, model, hooks, device, precision, world, total_steps)
@@ -229,6 +251,8 @@ def setup(config: cfg.TrainConfig, data: DataBundle | None, hooks: Hooks, saved:
             checkpoint.restore(saved, model, parts.optimizer, parts.scheduler, parts.scaler, device)
             state = TrainState(**checkpoint.counters(saved), metrics=list(saved["metrics"]))
             parts.accumulate = max(parts.accumulate, state.accumulate)
+        if state.total_steps:
+            total_steps = state.total_steps
         if config.compile:
             parts.step_model = torch.compile(parts.step_model)
         checkpointer = checkpoint.Checkpointer(run_dir, config, rank == 0, state.step if saved is not None else None,
@@ -243,11 +267,64 @@ def setup(config: cfg.TrainConfig, data: DataBundle | None, hooks: Hooks, saved:
                    # On the CPU a host read of the loss costs nothing, so every step is checked; on a GPU it would
                    # stall the pipeline, so the loss is summed on the device and read at a few points per epoch.
                    check_every=1 if device.type == "cpu" or config.skip_nonfinite else max(1, len(loader) // 8),
-                   eval_batch_size=memory_plan.eval_batch_size, faults=_faults(rank))
+                   eval_batch_size=memory_plan.eval_batch_size, faults=_faults(rank),
+                   filler=_filler(config, clock, state, len(loader), len(test_labels)))
     except BaseException:
         if lock is not None:
             lock.release()
         raise
+
+
+def _filler(config: cfg.TrainConfig, clock: budget.Clock | None, state: TrainState, steps_per_epoch: int,
+            test_images: int) -> budget.Filler | None:
+    """What plans the steps of a --time run (None without one)."""
+    if config.time is None:
+        return None
+    per_epoch = min(config.eval_subset or test_images, test_images)
+    return budget.Filler(config.time, clock or budget.Clock(), steps_per_epoch=steps_per_epoch,
+                         batch_size=config.batch_size, eval_images=per_epoch, final_eval_images=test_images,
+                         spent_before=state.budget_spent)
+
+
+def _fill(run: Run) -> None:
+    """Plans the run's steps again when the budget's filler says so, stretching what is left of the schedule."""
+    filler, state = run.filler, run.state
+    filler.timed(state.step)
+    if not filler.due(state.step, run.total_steps):
+        return
+    if filler.eval_image_seconds is None:
+        # Up to an evaluation batch (at most 4 training batches): smaller ones cost more per image than the whole.
+        n = min(len(run.test_labels), run.eval_batch_size, 4 * run.config.batch_size)
+
+        def evaluate() -> None:
+            eval_totals(run.parts.model, run.test_images[:n], run.test_labels[:n], run.eval_batch_size,
+                        run.parts.device, run.config.eval_precision)
+            synchronize(run.parts.device)
+        filler.time_evaluation(evaluate, n)
+    total = filler.plan(state.step)
+    error = filler.too_small(state.step, total, run.config.model)
+    if error is not None:
+        raise error
+    if filler.plans == 1 and run.rank == 0 and run.reporter.enabled:
+        print(filler.describe(total), file=sys.stderr)
+    if total == run.total_steps:
+        return
+    scheduler = run.parts.scheduler
+    scheduler.lr_lambdas[0].stretch(state.step, total)
+    for group, base, fn in zip(run.parts.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * fn(state.step)  # the next step's rate, on the new plan
+    run.total_steps = run.reporter.total_steps = total
+    if filler.plans == 1:
+        _write_config(run)
+
+
+def _write_config(run: Run) -> None:
+    """Rewrites config.yaml with what a --time run resolved: its epochs and the budget's record (time_plan)."""
+    filler = run.filler
+    run.config = dataclasses.replace(run.config, epochs=run.total_steps / run.steps_per_epoch,
+                                     time_plan=filler.record(run.total_steps))
+    if run.rank == 0:
+        runs.write_text(run.run_dir / runs.CONFIG_FILE, cfg.dumps(run.config))
 
 
 def _claim_run_dir(config: cfg.TrainConfig, info: runs.ModelInfo, rank: int,
@@ -552,13 +629,12 @@ def train_one_epoch(run: Run) -> tuple[int, float]:
     """Trains the rest of epoch `run.state.epoch`; returns the steps it took and the seconds they took."""
     state, config = run.state, run.config
     run.parts.model.train()
-    epoch_steps = min(run.steps_per_epoch, run.total_steps - state.epoch * run.steps_per_epoch)
     first_step = state.step_in_epoch
     run.loader.set_epoch(state.epoch, first_step)
     started = time.perf_counter()
     loss_sum = torch.zeros((), device=run.parts.device, dtype=torch.float64)
     for i, (images, labels) in enumerate(run.loader, start=first_step):
-        if i >= epoch_steps:
+        if state.step >= run.total_steps:  # a time budget may move the end while the epoch runs
             break
         weight = None
         if run.world > 1:
@@ -574,12 +650,14 @@ def train_one_epoch(run: Run) -> tuple[int, float]:
         checkpoint_due = run.checkpointer.due(state.step)
         if (i + 1) % run.check_every == 0 or checkpoint_due:
             _flush_loss(run, loss_sum)
+            if run.filler is not None:
+                _fill(run)
         run.reporter.step(state.step)
         if checkpoint_due:
             state.elapsed = time.perf_counter() - run.started
             run.save()
     _flush_loss(run, loss_sum)  # also synchronizes the device, so the time below is the steps'
-    return epoch_steps - first_step, time.perf_counter() - started
+    return state.step_in_epoch - first_step, time.perf_counter() - started
 
 
 def end_epoch(run: Run, steps: int, train_seconds: float, epoch_start: float) -> bool:
@@ -587,8 +665,12 @@ def end_epoch(run: Run, steps: int, train_seconds: float, epoch_start: float) ->
     state, config = run.state, run.config
     train_loss = state.loss_sum / max(1, state.loss_count)
     subset = None if state.epoch + 1 >= run.num_epochs else _eval_subset(run)
+    if run.filler is not None:
+        run.filler.epoch_end()
     test_acc, test_loss = _recovering_evaluate(run, subset)
     synchronize(run.parts.device)
+    if run.filler is not None:
+        run.filler.evaluated(len(run.test_labels) if subset is None else len(subset))
     epoch_seconds = time.perf_counter() - epoch_start
     state.epoch, state.step_in_epoch, state.loss_sum, state.loss_count = state.epoch + 1, 0, 0.0, 0
     state.elapsed = time.perf_counter() - run.started
@@ -614,6 +696,8 @@ def end_epoch(run: Run, steps: int, train_seconds: float, epoch_start: float) ->
         record["test_acc"], record["test_loss"] = _recovering_evaluate(run)
         record["eval_subset"] = None
     run.save(epoch_end=True)
+    if run.filler is not None:
+        run.filler.saved(state.step)
     run.stopped_early = stop and state.step < run.total_steps
     return stop
 
@@ -662,6 +746,8 @@ def finish(run: Run) -> TrainResult:
         stopped_early=run.stopped_early, accumulate=run.parts.accumulate, eval_batch_size=run.eval_batch_size,
         **memory.peak_bytes(run.parts.device))
     final_state = distributed.model_state(run.parts.model)  # a collective under FSDP
+    if run.filler is not None:
+        _write_config(run)
     if run.rank == 0:
         runs.save_weights(run.run_dir / runs.MODEL_FILE, final_state)
         runs.write_json(run.run_dir / runs.SUMMARY_FILE, result.to_dict())
@@ -758,25 +844,43 @@ def make_optimizer(config: cfg.TrainConfig, groups: list[dict], device: torch.de
 
 
 def make_scheduler(config: cfg.TrainConfig, optimizer: torch.optim.Optimizer,
-                   total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
-    """Per-step schedules, all with a linear warm-up over `warmup` of the steps.
+                   total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The per-step schedule of `config` over `total_steps` (see Schedule)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, Schedule(config.schedule, config.warmup, total_steps))
+
+
+class Schedule:
+    """Learning-rate factor per step, with a linear warm-up over `warmup` of the steps.
 
     one-cycle: linear from lr/25 up to lr, then linear down to lr/25,000, with no momentum cycling (as in the
     fastest published MNIST recipes); cosine: down to 0; constant: flat.
-    """
-    warmup_steps = int(config.warmup * total_steps)
-    floor = 1.0 / 25 if config.schedule == "onecycle" else 0.0
 
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return floor + (1.0 - floor) * step / warmup_steps if floor else (step + 1) / warmup_steps
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        if config.schedule == "onecycle":
+    `stretch` re-plans the rest over another number of steps (a time budget's): step n then reads the schedule
+    at position anchor + (n - at) * rate of the `total` it was made for, which goes on from where it was. A
+    callable object, so that LambdaLR's state_dict (the checkpoint) keeps these fields.
+    """
+
+    def __init__(self, kind: str, warmup: float, total_steps: int):
+        self.kind, self.total, self.warmup_steps = kind, total_steps, int(warmup * total_steps)
+        self.anchor, self.at, self.rate = 0.0, 0, 1.0
+
+    def __call__(self, step: int) -> float:
+        position = self.anchor + (step - self.at) * self.rate
+        floor = 1.0 / 25 if self.kind == "onecycle" else 0.0
+        if position < self.warmup_steps:
+            return floor + (1.0 - floor) * position / self.warmup_steps if floor else (position + 1) / self.warmup_steps
+        progress = min(1.0, (position - self.warmup_steps) / max(1, self.total - self.warmup_steps))
+        if self.kind == "onecycle":
             return 1.0 - (1.0 - 1.0 / 25_000) * progress
-        if config.schedule == "cosine":
+        if self.kind == "cosine":
             return 0.5 * (1.0 + math.cos(math.pi * progress))
         return 1.0
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+    def stretch(self, step: int, total_steps: int) -> None:
+        """Spreads what is left of the schedule after `step` over the steps up to `total_steps`."""
+        self.anchor = self.anchor + (step - self.at) * self.rate
+        self.at = step
+        self.rate = (self.total - self.anchor) / max(1, total_steps - step)
 
 
 def _tensorboard(run_dir: Path, step: int) -> Any:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,22 @@ RECIPES: dict[str, dict] = {
                 weight_decay=5e-4, schedule="onecycle", warmup=0.2, label_smoothing=0.1, augment="translate"),
 }
 
+# Every recipe above with a record was tuned on 60,000 training images (MNIST's or Fashion-MNIST's), and the others
+# count their epochs on a set that size too. On another number of images a recipe keeps its optimizer steps, not its
+# epochs (scale_to_data): on 1,000 Fashion-MNIST images the 8 epochs of `fashion` are 32 steps (76.7%); its 1,880
+# steps, capped at MAX_SCALED_EPOCHS (200 steps), reached 84.8% over 3 seeds (RESULTS.md, "Time budgets and recipes
+# scaled to the data").
+RECIPE_IMAGES = 60_000
+# A set larger than the recipe's still gets this many passes (or the recipe's own epochs, if fewer).
+MIN_SCALED_EPOCHS = 3
+# At most this many epochs on a small set (or the recipe's own, if more): past it more passes over the same few
+# images buy little and every epoch's evaluation costs as much as on a large set.
+MAX_SCALED_EPOCHS = 50
+# Test images evaluated after each epoch but the last when a recipe takes more epochs on a small set (unless
+# --eval-subset says): on 1,000 Fashion-MNIST images an epoch is 4 steps, and evaluating all 10,000 test images
+# after each took over 90% of the run.
+SCALED_EVAL_SUBSET = 1000
+
 # What a recipe may leave out, filled so that every resolved config is complete.
 FALLBACKS = dict(momentum=0.9, betas=[0.9, 0.999], weight_decay=0.0, schedule="constant", warmup=0.0,
                  label_smoothing=0.0, augment="none", optimizer="sgd", lr=0.01, epochs=1, batch_size=128,
@@ -86,18 +103,18 @@ def record_measurement(data: str, recipe: str, result: dict[str, Any]) -> None:
     runs.write_json(MEASURED_FILE, table)
 
 
-def choose(config: cfg.TrainConfig) -> tuple[str, str | None, float | None]:
-    """(recipe, model, epochs) for `config`.
+def choose(config: cfg.TrainConfig) -> tuple[str, str | None]:
+    """(recipe, model) for `config`.
 
     The recipe: an explicit one wins; else the data set's recipe for the chosen model; else the model's own recipe;
     else 'reference'. The model: the one named, else the data set's default, else the one chosen from an image
-    folder (`defaults.default_choice`), which may also set the epochs; None when only the recipe names it.
+    folder (`defaults.default_choice`); None when only the recipe names it.
     """
     from .defaults import default_choice
 
     if config.recipe is not None:
-        return config.recipe, config.model, None
-    model, epochs = config.model, None
+        return config.recipe, config.model
+    model = config.model
     table = DATASET_RECIPES.get(config.data, {})
     if model is None and table:
         model = next(iter(table))
@@ -108,10 +125,10 @@ def choose(config: cfg.TrainConfig) -> tuple[str, str | None, float | None]:
                               f"trainforge.finetune.command.finetune({{'source': {choice.model!r}}}, {{'data': ...}}) "
                               f"from Python; or pass a model to train from scratch")
         if choice is not None:
-            model, epochs = choice.model, choice.epochs
+            model = choice.model
     if model is None:
-        return "reference", None, None
-    return table.get(model) or model_entry(model).default_recipe, model, epochs
+        return "reference", None
+    return table.get(model) or model_entry(model).default_recipe, model
 
 
 def resolve(config: cfg.TrainConfig) -> cfg.TrainConfig:
@@ -120,12 +137,10 @@ def resolve(config: cfg.TrainConfig) -> cfg.TrainConfig:
     Model and recipe are chosen as `choose` says; a recipe for another model only lends its hyperparameters.
     """
     values = dataclasses.asdict(config)
-    name, model, epochs = choose(config)
+    name, model = choose(config)
     if name not in RECIPES:
         raise ConfigError(f"unknown recipe {name!r}; known recipes: {', '.join(sorted(RECIPES))}")
     values["model"] = values["model"] or model
-    if values["epochs"] is None:
-        values["epochs"] = epochs
     merged = {**FALLBACKS, **RECIPES[name]}
     for key, value in merged.items():
         if values.get(key) is None:
@@ -138,6 +153,26 @@ def resolve(config: cfg.TrainConfig) -> cfg.TrainConfig:
     if resolved.betas is not None and len(resolved.betas) != 2:
         raise ConfigError(f"config: field 'betas' expects two numbers, got {resolved.betas}")
     return resolved
+
+
+def scale_to_data(config: cfg.TrainConfig, n_train: int) -> tuple[cfg.TrainConfig, str | None]:
+    """`config` (resolved, its epochs the recipe's) with the epochs that keep the recipe's optimizer steps on
+    `n_train` training images, within MIN_SCALED_EPOCHS and MAX_SCALED_EPOCHS; and the line that says so (None
+    where nothing changed: on a set the size of the recipe's own, the epochs stay exactly as they are)."""
+    batch = config.batch_size
+    steps = config.epochs * math.ceil(RECIPE_IMAGES / batch)
+    per_epoch = math.ceil(n_train / batch)
+    low, high = min(config.epochs, MIN_SCALED_EPOCHS), max(config.epochs, MAX_SCALED_EPOCHS)
+    epochs = min(max(steps / per_epoch, low), high)
+    if per_epoch == math.ceil(RECIPE_IMAGES / batch) or epochs == config.epochs:
+        return config, None
+    bound = (f", at most {high:g}" if epochs == high else f", at least {low:g}" if epochs == low else "")
+    subset = config.eval_subset or (SCALED_EVAL_SUBSET if epochs > config.epochs else None)
+    evaluated = f", each but the last evaluated on {subset:,} test images" if subset != config.eval_subset else ""
+    return dataclasses.replace(config, epochs=epochs, eval_subset=subset), (
+        f"epochs: the {config.recipe} recipe's {config.epochs:g} epochs are {math.ceil(steps):,} steps of "
+        f"{batch} on the {RECIPE_IMAGES:,} images recipes are tuned on; {epochs:.4g} epochs keep them on these "
+        f"{n_train:,} training images{bound}{evaluated} (--epochs trains as many as given)")
 
 
 def recipe_value(name: str, key: str) -> object:

@@ -33,7 +33,8 @@ from .. import config as cfg
 from .storage import HEARTBEAT_SECONDS
 
 # TrainConfig fields that tune owns or that clash with its own flags.
-SKIPPED_FIELDS = ("holdout", "out", "workers", "tensorboard")
+# A trial's length is its epochs; --budget-minutes bounds the whole study.
+SKIPPED_FIELDS = ("holdout", "out", "workers", "tensorboard", "time")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
