@@ -777,8 +777,12 @@ def _violations(field: dataclasses.Field) -> list:
         bad.append(meta["low"] - 1)
     if meta.get("high") is not None:
         bad.append(meta["high"] + 1)
+    if meta.get("parse") is cfg.parse_duration:
+        bad += ["5 minutes", "-3m", "0"]
     if base in (int, float):
         bad.append("many")
+    if base is dict or getattr(base, "__origin__", None) is dict:
+        bad.append("not-a-mapping")
     return [[v, v] if getattr(base, "__origin__", None) is list and not isinstance(v, str) else v for v in bad]
 
 
