@@ -440,8 +440,9 @@ class RunData:
         return self.val if self.val is not None else self.test
 
 
-def load_run_data(run_dir: str | os.PathLike, data_dir: str | None = None) -> RunData:
-    """The data of a run: its data set (from `data_dir`, else the run's own root) split as the run split it."""
+def load_run_data(run_dir: str | os.PathLike, data_dir: str | None = None, *, progress: bool = False) -> RunData:
+    """The data of a run: its data set (from `data_dir`, else the run's own root) split as the run split it; a
+    folder decoded with a progress bar when `progress` (a cache hit shows none)."""
     from . import config as cfg
     from .data import ImageSet, balanced_subset, load_data
     from .data.loaders import holdout_split
@@ -449,7 +450,7 @@ def load_run_data(run_dir: str | os.PathLike, data_dir: str | None = None) -> Ru
 
     config = cfg.load_file(cfg.TrainConfig, Path(run_dir) / CONFIG_FILE)
     root = data_dir or config.data_dir
-    common = dict(seed=config.seed, image_size=config.image_size, val_fraction=config.val_fraction)
+    common = dict(seed=config.seed, image_size=config.image_size, val_fraction=config.val_fraction, progress=progress)
     dataset = load_data(config.data, root, **common)
     trained = dataset
     if config.data in BUILTIN_DATASETS and config.subset is not None:
