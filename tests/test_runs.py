@@ -599,6 +599,8 @@ def test_cleanup_steps_that_cannot_be_done_are_skipped_not_fatal(tmp_path, monke
     monkeypatch.setattr(os, "fsync", no_directory_fsync)
     runs.write_text(tmp_path / "x.txt", "x")
     assert (tmp_path / "x.txt").read_text() == "x"
+    # Atomically written files are as readable as plain ones (mkstemp alone would make them 0600).
+    assert stat.S_IMODE((tmp_path / "x.txt").stat().st_mode) == 0o666 & ~_umask()
     # A temporary that cannot be removed is left, and not reported as removed.
     (tmp_path / ".a.tmp").write_text("a")
     (tmp_path / ".b.tmp").write_text("b")

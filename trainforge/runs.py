@@ -116,6 +116,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot write ({exc.strerror or exc})") from None
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a run directory is as readable as any file written
         with os.fdopen(fd, mode) as handle:
             yield handle
             handle.flush()
@@ -132,6 +133,15 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
             os.unlink(tmp)
         raise
     _fsync_dir(path.parent)
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it (threads may be creating files)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    return 0o022
 
 
 def _test_write_delay() -> None:
