@@ -83,6 +83,9 @@ GOOD = dict(model="linear", num_classes=2, classes=["a", "b"], in_channels=1, im
     (dict(std=[0.0]), "'std' must be positive"),
     (dict(mean=[float("nan")]), "'mean' must list 1 to 3 finite numbers"),
     (dict(evil=1), "unknown field(s) 'evil'"),
+    (dict(temperature=0), "'temperature' is 0, expected a finite number > 0"),
+    (dict(temperature=float("inf")), "'temperature' is inf, expected a finite number > 0"),
+    (dict(temperature="2"), "'temperature' is 2, expected a finite number > 0"),
 ])
 def test_hostile_model_descriptions_name_the_field(holdout_run, tmp_path, change, field):
     run_dir = tmp_path / "run"
