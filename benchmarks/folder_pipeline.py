@@ -3,7 +3,7 @@ limit of this machine, and 12-megapixel photos decoded by draft against a full d
 
 Folders (benchmarks/make_photo_folder.py, from Fashion-MNIST): 3,000 training JPEGs of 500x375 and 1,000 held out in
 10 classes; 200 photos of 4000x3000 (another seed). Arms, each a whole process timed from outside, with the peak
-memory of its whole process tree (the sum of the processes' proportional set sizes, sampled every 50 ms):
+memory of its whole process tree (the sum of the processes' proportional set sizes, sampled every 250 ms):
   trainforge-first   `trainforge train --data DIR --model cnn --image-size 64 --epochs 3` with an empty cache
   trainforge-second  the same again: the decoded cache is hit, and its file must be left untouched
   torchvision        ImageFolder + DataLoader (2 workers, Resize to 64 px per epoch) training the same network with
@@ -96,6 +96,9 @@ def tree_pss(root: int) -> int:
     return total
 
 
+SAMPLE_S = 0.25
+
+
 def timed(command: list[str], env: dict[str, str]) -> dict:
     """Runs `command` to the end: wall seconds, peak memory of its process tree, stdout and stderr."""
     peak = [0]
@@ -104,7 +107,8 @@ def timed(command: list[str], env: dict[str, str]) -> dict:
     done = threading.Event()
 
     def sample() -> None:
-        while not done.wait(0.05):
+        # Reading every process's smaps_rollup walks its page tables: every 50 ms that cost the timed arm ~20%.
+        while not done.wait(SAMPLE_S):
             peak[0] = max(peak[0], tree_pss(proc.pid))
 
     sampler = threading.Thread(target=sample, daemon=True)
