@@ -213,9 +213,11 @@ class Filler:
         if self.plans > 1 or total - step >= MIN_STEPS:
             return None
         need = self.spent() + self.cost(step, step + MIN_STEPS) + EXIT_SECONDS
-        return TrainingError(f"--time {self.text} is too short for {model}: {self.setup_seconds:.1f} s went to "
-                             f"loading and planning and a step takes {1000 * self.step_seconds:,.1f} ms; "
-                             f"{MIN_STEPS} steps and the final evaluation need about {math.ceil(need)} s")
+        error = TrainingError(f"--time {self.text} is too short for {model}: {self.setup_seconds:.1f} s went to "
+                              f"loading and planning and a step takes {1000 * self.step_seconds:,.1f} ms; "
+                              f"{MIN_STEPS} steps and the final evaluation need about {math.ceil(need)} s")
+        error.needed_seconds = math.ceil(need)  # what `auto` scales up to the whole budget it would need
+        return error
 
     def record(self, total: int) -> dict[str, Any]:
         """What config.yaml keeps of the budget (time_plan)."""
