@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     from .. import runs
 
-    clock = budget.Clock.since_process_start()
+    clock, part_clock = budget.command_clocks()
     options = _options(args)
     say = stderr_say(args.quiet or args.json)
     out = Path(options.out)
@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if record.values["finished"]:
             say(f"{out}: this run finished; nothing to resume")
         else:
-            run_stages(record, options, progress=not (args.quiet or args.json), say=say)
+            run_stages(record, options, progress=not (args.quiet or args.json), say=say, part_clock=part_clock)
     finally:
         lock.release()
     values = record.values

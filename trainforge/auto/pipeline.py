@@ -132,16 +132,19 @@ def open_record(options: AutoOptions, *, resume: bool, overwrite: bool, clock: b
     return Record(out, values, clock)
 
 
-def run_stages(record: Record, options: AutoOptions, progress: bool, say: Any) -> dict[str, Any]:
-    """Every stage not done yet, in order; returns the final record."""
+def run_stages(record: Record, options: AutoOptions, progress: bool, say: Any,
+               part_clock: Any = budget.Clock) -> dict[str, Any]:
+    """Every stage not done yet, in order; returns the final record. `part_clock()` makes the clocks of the trials
+    and the final training (budget.command_clocks)."""
     out = Path(options.out)
     with record.stage("plan"):
         split, candidates = _plan(record, options, progress, say)
-    plan = _search(record, options, split, candidates, progress, say)
+    plan = _search(record, options, split, candidates, progress, say, part_clock)
     run_dir = out / RUN_DIR
     if not record.done("train"):
         with record.stage("train"):
-            record.values["final_training"] = _final_training(record, options, split, plan, run_dir, progress)
+            record.values["final_training"] = _final_training(record, options, split, plan, run_dir, progress,
+                                                              part_clock)
     say(_trained_line(record.values["final_training"]))
     if not record.done("deploy"):
         with record.stage("deploy"):
@@ -230,7 +233,7 @@ def _latency_filter(record: Record, options: AutoOptions, split: inputs.Split, f
 
 
 def _search(record: Record, options: AutoOptions, split: inputs.Split, found: list[Candidate], progress: bool,
-            say: Any) -> TimePlan:
+            say: Any, part_clock: Any) -> TimePlan:
     """The measured choice (choose_model) on the search part, its trials in an Optuna study (study.db in --out, or
     --storage) that a resumed run reuses; plan.json in choose's format with the stages added."""
     out = Path(options.out)
@@ -247,7 +250,7 @@ def _search(record: Record, options: AutoOptions, split: inputs.Split, found: li
         try:
             plan = choose_model(_search_config(options), record.clock, bundle=split.search, candidates=found,
                                 storage=storage, study_name=options.study or f"auto-{out.resolve().name}",
-                                progress=progress, search_seconds=seconds, reserve_seconds=reserve,
+                                progress=progress, search_seconds=seconds, reserve_seconds=reserve, trial_clock=part_clock,
                                 trials_dir=out / TRIALS_DIR, callbacks=(lambda study, trial: record.save(),))
         except TrainingError as exc:
             raise _too_short(options, found, seconds) from exc
@@ -275,7 +278,7 @@ def _too_short(options: AutoOptions, found: list[Candidate], search_seconds: flo
 
 
 def _final_training(record: Record, options: AutoOptions, split: inputs.Split, plan: TimePlan, run_dir: Path,
-                    progress: bool) -> dict[str, Any]:
+                    progress: bool, part_clock: Any) -> dict[str, Any]:
     """The winner trained on the whole search part for what is left before deployment's share, from its
     checkpoint on --resume; where that is too short for 10 steps, the winner's trial model instead."""
     winner = plan.winning()
@@ -285,8 +288,9 @@ def _final_training(record: Record, options: AutoOptions, split: inputs.Split, p
     record.values["train_started"] = True
     record.save()
     # A resumed training counts its own time (its checkpoint holds what it spent) from this process's start.
-    clock = budget.Clock(record.clock.now, record.clock.start + record.values["resumed"][-1]["after_s"]) \
-        if resume else budget.Clock(record.clock.now)
+    clock = part_clock()
+    if resume:
+        clock.start = record.clock.start + record.values["resumed"][-1]["after_s"]
     try:
         result = _train_winner(winner, options, split, run_dir, left, clock, resume, progress)
     except TrainingError as exc:
