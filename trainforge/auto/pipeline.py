@@ -222,7 +222,8 @@ def _latency_filter(record: Record, options: AutoOptions, split: inputs.Split, f
             measured[label] = round(deploy.architecture_latency(key, split.search), 3)
         by_name[c.name] = measured[label]
     kept, dropped = deploy.within_latency(found, by_name, options.max_latency_ms)
-    record.values["latency_filter"] = {"max_latency_ms": options.max_latency_ms, "dropped": dropped}
+    record.values["latency_filter"] = {"max_latency_ms": options.max_latency_ms, "by_candidate": by_name,
+                                       "dropped": dropped}
     for d in dropped:
         say(f"dropped {d['candidate']}: {d['why']}")
     if not kept:
