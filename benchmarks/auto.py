@@ -66,8 +66,8 @@ def trainforge(*args: str, kill_when: "callable | None" = None) -> dict:
             proc.send_signal(signal.SIGKILL)
         time.sleep(0.2)
     out, err = proc.communicate()
-    return {"wall_s": round(time.monotonic() - started, 1), "peak_tree_mb": round(peak / 2 ** 20), "rc": proc.returncode,
-            "stdout": out, "stderr": err}
+    return {"wall_s": round(time.monotonic() - started, 1), "peak_tree_mb": round(peak / 2 ** 20),
+            "rc": proc.returncode, "stdout": out, "stderr": err}
 
 
 def auto(data: Path, budget: str, out: Path, *extra: str, kill_when=None) -> dict:

@@ -6,8 +6,6 @@ bad input as one line and status 2. Nothing here depends on the machine's speed:
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import pytest

@@ -178,7 +178,8 @@ def cuda_note() -> str | None:
     import torch
 
     if torch.cuda.is_available() and "cuda" not in providers():
-        return "a CUDA GPU is present but this onnxruntime has no CUDA execution provider (onnxruntime-gpu): not measured"
+        return ("a CUDA GPU is present but this onnxruntime has no CUDA execution provider (onnxruntime-gpu): "
+                "not measured")
     return None
 
 

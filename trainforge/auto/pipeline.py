@@ -251,7 +251,8 @@ def _search(record: Record, options: AutoOptions, split: inputs.Split, found: li
         try:
             plan = choose_model(_search_config(options), record.clock, bundle=split.search, candidates=found,
                                 storage=storage, study_name=options.study or f"auto-{out.resolve().name}",
-                                progress=progress, search_seconds=seconds, reserve_seconds=reserve, trial_clock=part_clock,
+                                progress=progress, search_seconds=seconds, reserve_seconds=reserve,
+                                trial_clock=part_clock,
                                 trials_dir=out / TRIALS_DIR, callbacks=(lambda study, trial: record.save(),))
         except TrainingError as exc:
             raise _too_short(options, found, seconds) from exc
