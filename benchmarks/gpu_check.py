@@ -22,6 +22,8 @@ Steps, in order of value (issue 19):
   nccl               `train --nproc N` over NCCL, only when N > 1 GPUs are visible
   finetune_speed     benchmarks/finetune_speed.py on CUDA (bf16, --compile), where that script exists
   fashion_recipe     `train --data fashion-mnist` with its own recipe, where trainforge has one
+  time_choice        `train --time 3m` without --model on 10,000 Fashion-MNIST images: the candidate the GPU's
+                     measured speed makes the winner (trainforge/choose.py), and each candidate's figures
 
 Writes to --out: gpu_results.json (each step's command, status, seconds, summary and its own JSON result),
 gpu_results.md (tables to paste into benchmarks/RESULTS.md) and gpu_check.log (every step's output). Exits 1 if
@@ -229,10 +231,16 @@ def plan_other_issues(ctx: Context) -> list[Step]:
                       *(["--model", "fashion_cnn", "--subset", "256", "--epochs", "1", "--holdout"] if ctx.dry
                         else [])),
                    300, summarize_train)
-    for step in (finetune, fashion):
+    # The measured model choice (train --time without --model): which candidate this GPU's speed makes the winner.
+    choice = Step("time_choice", "measured model choice (train --time, no --model)",
+                  tf("train", "--data", ctx.fashion, "--device", ctx.device, "--out", str(ctx.work / "time_choice"),
+                     "--no-tensorboard", "--json", *(["--subset", "300", "--time", "60s"] if ctx.dry
+                                                      else ["--subset", "10000", "--time", "3m"])),
+                  240, summarize_time_choice)
+    for step in (finetune, fashion, choice):
         if ctx.features[step.name]:
             step.status, step.reason = UNAVAILABLE, ctx.features[step.name]
-    return [nccl, finetune, fashion]
+    return [nccl, finetune, fashion, choice]
 
 
 def detect_features(ctx: Context) -> dict[str, str | None]:
@@ -249,7 +257,8 @@ def detect_features(ctx: Context) -> dict[str, str | None]:
             else "`trainforge train` does not accept --batch-size auto",
             "finetune_speed": None if (REPO / "benchmarks" / "finetune_speed.py").is_file()
             else "benchmarks/finetune_speed.py does not exist",
-            "fashion_recipe": fashion}
+            "fashion_recipe": fashion,
+            "time_choice": None if rc == 0 and "--time" in helped else "`trainforge train` does not accept --time"}
 
 
 def summarize_finetune_speed(record: dict, records: dict[str, dict]) -> str:
@@ -425,6 +434,18 @@ def summarize_train(record: dict, records: dict[str, dict]) -> str:
     return (f"{100 * r['test_acc']:.2f}% after {r['epochs']:g} epochs in {r['train_seconds']:.2f} s of training "
             f"({r['samples_per_second']:,.0f} samples/s, {r['device']}, precision {r['precision']}, "
             f"{r['world_size']} process(es))")
+
+
+def summarize_time_choice(record: dict, records: dict[str, dict]) -> str:
+    """The winner, why, and each candidate's measured speed and validation accuracy."""
+    r = record["result"]
+    plan = r["plan"]
+    def measured(c: dict) -> str:
+        if c["val_acc"] is None:
+            return f"{c['name']} not measured"
+        return f"{c['name']} {c['samples_per_second']:,.0f} samples/s val {c['val_acc']:.3f}"
+    rows = ", ".join(measured(c) for c in plan["candidates"])
+    return f"picked {plan['winner']} ({plan['reason']}); {rows}; then {summarize_train(record, records)}"
 
 
 def summarize_batch_auto(record: dict, records: dict[str, dict]) -> str:

@@ -10,8 +10,8 @@ wall time of the whole process, its peak RSS and the test accuracy from the run'
 
 Cases: mnist-cnn (--recipe cnn --time 60s: ends within 70 s, at least as accurate as --recipe cnn),
 mnist-reference (--recipe reference --time 20s: within 30 s, at least as accurate), fashion-subset (--subset 1000,
-the default and --model cnn, seeds 0-2: mean >= 0.80 and >= 0.78), folder (the default, then --time 2m: within
-130 s, val/ accuracy within 2 points of the default's, seeds 0-2).
+the default and --model cnn, seeds 0-2: mean >= 0.80 and >= 0.78), folder (the default once, then --time 2m for seeds
+0-2: each within 130 s, their mean val/ accuracy within 2 points of the default's).
 """
 
 from __future__ import annotations
@@ -88,10 +88,11 @@ def main() -> None:
             results.append(seeds(fashion, tmp, "fashion-subset-default", 0.80))
             results.append(seeds([*fashion, "--model", "cnn"], tmp, "fashion-subset-cnn", 0.78))
         if "folder" in chosen:
-            results.append(seeds(["--data", args.folder], tmp, "folder-default", 0.0))
+            default = run(["--data", args.folder], tmp / "folder-default")  # 8+ minutes: one seed
             timed = seeds(["--data", args.folder, "--time", "2m"], tmp, "folder-time-2m", 0.0)
             timed["ends_in_time"] = all(r["wall_s"] <= 130 for r in timed["runs"])
-            timed["within_2_points"] = timed["mean_test_acc"] >= results[-1]["mean_test_acc"] - 0.02
+            timed["within_2_points"] = timed["mean_test_acc"] >= default["test_acc"] - 0.02
+            results.append({"case": "folder-default", "runs": [default]})
             results.append(timed)
     print(json.dumps(results))
 

@@ -5,6 +5,7 @@ memory. Each test works on a small folder of real digits as photo-like JPEGs, in
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -222,15 +223,22 @@ def test_datasets_lists_the_caches_and_clear_cache_removes_only_them(tmp_path, f
                                                        "train-images-idx3-ubyte.gz"]
 
 
-def test_training_says_whether_the_cache_was_hit(cache, folder, tmp_path, capsys):
+def test_training_and_eval_say_whether_the_cache_was_hit(cache, folder, tmp_path, capsys):
     import trainforge
+    from trainforge.eval import evaluate_run
 
     options = {"data": str(folder), "model": "linear", "image_size": SIZE, "epochs": 1, "tensorboard": False}
     trainforge.train({**options, "out": str(tmp_path / "one")}, progress=True)
-    assert "data: decoded 60 images to 32x32x3 in " in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "decoding 60 images to 32x32x3 in " in err and " process" in err and ": about " in err
+    assert "data: decoded 60 images to 32x32x3 in " in err
     trainforge.train({**options, "out": str(tmp_path / "two")}, progress=True)
     err = capsys.readouterr().err
     assert "data: decoded cache hit: " in err and "training images resident (counted)" in err
+    assert "decoding" not in err
+    shutil.rmtree(cache)  # eval decodes what it needs with the same line
+    evaluate_run(tmp_path / "one", progress=True)
+    assert "decoding 60 images to 32x32x3 in " in capsys.readouterr().err
 
 
 def test_fine_tuning_decodes_a_folder_at_the_networks_input_size(cache, mnist_jpeg_folder, small_cnn_run, tmp_path):

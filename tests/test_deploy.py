@@ -404,6 +404,7 @@ def test_concurrent_requests_each_get_their_own_answer(server, small_cnn_run, mn
     want = expected_labels(small_cnn_run, mnist.test.images[:8])
     assert [r.json()["predictions"][0]["label"] for r in responses] == [want[i % 8] for i in range(24)]
     assert 1 <= batch_counts(base)[0] - calls_before <= 24
+    assert httpx.post(base + "/predict", json={"images": []}).status_code == 422  # counted whatever ran before
     metrics = httpx.get(base + "/metrics").text
     assert 'trainforge_requests_total{status="200"}' in metrics and "trainforge_request_seconds_bucket" in metrics
     assert 'trainforge_errors_total{status="422"}' in metrics

@@ -14,15 +14,18 @@ gpu_check = load_benchmark("gpu_check")
 
 STEPS = ["environment", "hw", "speedrun", "reference", "bench_linear", "bench_cnn", "bench_resnet18_224_cpu",
          "bench_resnet18_224", "train_cnn", "export", "onnxruntime", "serve", "compile_off", "compile_on",
-         "batch_auto_cnn", "batch_auto_resnet18_224", "nccl", "finetune_speed", "fashion_recipe"]
+         "batch_auto_cnn", "batch_auto_resnet18_224", "nccl", "finetune_speed", "fashion_recipe",
+         "time_choice"]
 # Steps for features of other issues: "not available in this version" until those land, then run like the rest.
 FEATURE_STEPS = {"batch_auto_cnn": "batch_size_auto", "batch_auto_resnet18_224": "batch_size_auto",
-                 "finetune_speed": "finetune_speed", "fashion_recipe": "fashion_recipe"}
+                 "finetune_speed": "finetune_speed", "fashion_recipe": "fashion_recipe",
+                 "time_choice": "time_choice"}
 
 
 # Steps the dry run leaves to other tests: the two recipe races (tests/test_speed.py runs their scripts end to end)
-# and resnet18's --batch-size auto (the cnn's step takes the same path to the same summary).
-ELSEWHERE = ("speedrun", "reference", "batch_auto_resnet18_224")
+# resnet18's --batch-size auto (the cnn's step takes the same path to the same summary) and the measured model choice
+# (a minute of trials; tests/test_choose.py runs that path, test_time_choice_summary below its summary).
+ELSEWHERE = ("speedrun", "reference", "batch_auto_resnet18_224", "time_choice")
 
 
 def test_the_plan_holds_every_step():
@@ -55,6 +58,18 @@ def test_dry_run_runs_the_steps_and_writes_the_json_and_the_table(tmp_path):
     assert "| bench_resnet18_224 | cpu | 32 | 8 |" in table
     log = (tmp_path / "gpu_check.log").read_text()
     assert all(f"=== {name}: " in log for name, s in steps.items() if s["seconds"] is not None)
+
+
+def test_time_choice_summary_names_the_pick_and_each_candidates_measurements():
+    plan = {"winner": "cnn", "reason": "best validation accuracy",
+            "candidates": [{"name": "cnn", "samples_per_second": 5120.0, "val_acc": 0.91},
+                           {"name": "linear", "samples_per_second": None, "val_acc": None}]}
+    result = {"plan": plan, "test_acc": 0.9, "epochs": 2.5, "train_seconds": 100.0, "samples_per_second": 3000.0,
+              "device": "cuda", "precision": "bf16", "world_size": 1}
+    line = gpu_check.summarize_time_choice({"result": result}, {})
+    assert line.startswith("picked cnn (best validation accuracy); cnn 5,120 samples/s val 0.910, linear not measured")
+    assert line.endswith("90.00% after 2.5 epochs in 100.00 s of training (3,000 samples/s, cuda, precision bf16, "
+                         "1 process(es))")
 
 
 def run(step, records=None, budget=60.0):

@@ -1,5 +1,6 @@
 import base64
 import json
+import re
 import struct
 from html.parser import HTMLParser
 
@@ -55,8 +56,19 @@ def test_report_of_one_run_through_the_cli(trained_run, tmp_path):
     # The report re-evaluates the saved model on the test set: it must agree with what training measured.
     assert run["split"] == "test" and abs(run["accuracy"] - trained["test_acc"]) < 1e-6
     assert len(run["per_class_accuracy"]) == 10 and min(run["per_class_accuracy"].values()) > 0.5
-    for words in ("Loss per epoch", "Confusion matrix", "Most confidently misclassified", "torch", "CPU"):
+    for words in ("Loss per epoch", "Confusion matrix", "Most confidently misclassified", "torch", "CPU",
+                  "Per-class precision and recall (95% Wilson intervals)", "expected calibration error"):
         assert words in text
+    # One row per class, each figure with its interval and count; 10,000 test images, so no class is uncertain.
+    rows = re.findall(r"(\d) (\d\.\d\d) \((\d\.\d\d)–(\d\.\d\d)\), n = (\d+) (\d\.\d\d) \((\d\.\d\d)–(\d\.\d\d)\), "
+                      r"n = (\d+)", text)
+    assert [r[0] for r in rows] == [str(d) for d in range(10)]
+    assert all(float(r[2]) <= float(r[1]) <= float(r[3]) and float(r[6]) <= float(r[5]) <= float(r[7]) for r in rows)
+    assert sum(int(r[8]) for r in rows) == 10000 and "uncertain" not in text
+    recall = {c["class"]: (c["recall"], c["recall_n"]) for c in run["per_class"]}
+    assert {c: round(a, 6) for c, a in run["per_class_accuracy"].items()} == \
+        {c: round(r, 6) for c, (r, _) in recall.items()}
+    assert 0 < run["ece"] < 0.2 and run["temperature"] == 1.0 and run["uncertain_classes"] == []
 
 
 def test_report_comparing_runs_evaluates_each_on_its_own_split(trained_run, tmp_path):
@@ -74,6 +86,9 @@ def test_report_comparing_runs_evaluates_each_on_its_own_split(trained_run, tmp_
     assert first["split"] == "test" and second["split"] == "validation"
     assert abs(second["accuracy"] - trained.test_acc) < 1e-6  # the held-out 10% of the 2,000, not the test set
     assert "validation set, 200 images" in text and "test set, 10000 images" in text
+    # 20 validation images per class: the held-out run's figures are marked uncertain, the other's are not.
+    assert text.count("These figures are uncertain") == 1 and "10 of 10 classes have fewer than 30" in text
+    assert second["uncertain_classes"] == [str(d) for d in range(10)] and first["uncertain_classes"] == []
 
 
 def test_report_errors_name_the_problem(tmp_path, trained_run):

@@ -83,6 +83,9 @@ GOOD = dict(model="linear", num_classes=2, classes=["a", "b"], in_channels=1, im
     (dict(std=[0.0]), "'std' must be positive"),
     (dict(mean=[float("nan")]), "'mean' must list 1 to 3 finite numbers"),
     (dict(evil=1), "unknown field(s) 'evil'"),
+    (dict(temperature=0), "'temperature' is 0, expected a finite number > 0"),
+    (dict(temperature=float("inf")), "'temperature' is inf, expected a finite number > 0"),
+    (dict(temperature="2"), "'temperature' is 2, expected a finite number > 0"),
 ])
 def test_hostile_model_descriptions_name_the_field(holdout_run, tmp_path, change, field):
     run_dir = tmp_path / "run"
@@ -599,6 +602,8 @@ def test_cleanup_steps_that_cannot_be_done_are_skipped_not_fatal(tmp_path, monke
     monkeypatch.setattr(os, "fsync", no_directory_fsync)
     runs.write_text(tmp_path / "x.txt", "x")
     assert (tmp_path / "x.txt").read_text() == "x"
+    # Atomically written files are as readable as plain ones (mkstemp alone would make them 0600).
+    assert stat.S_IMODE((tmp_path / "x.txt").stat().st_mode) == 0o666 & ~_umask()
     # A temporary that cannot be removed is left, and not reported as removed.
     (tmp_path / ".a.tmp").write_text("a")
     (tmp_path / ".b.tmp").write_text("b")

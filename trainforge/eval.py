@@ -52,7 +52,7 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, data_dir: str | N
         raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
     run_dir = Path(run_dir)
     model = runs.load(run_dir)
-    name, classes, images, saved = _split(run_dir, data, data_dir, split)
+    name, classes, images, saved = _split(run_dir, data, data_dir, split, progress)
     if len(classes) > len(model.classes):
         raise DataError(f"{name} has {len(classes)} classes but the model of {run_dir} predicts "
                         f"{len(model.classes)}")
@@ -80,13 +80,13 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, data_dir: str | N
             "device": str(dev), "precision": prec, "world_size": 1, "run_dir": str(run_dir)}
 
 
-def _split(run_dir: Path, data: str | None, data_dir: str | None,
-           split: str) -> tuple[str, list[str], Any, cfg.TrainConfig]:
+def _split(run_dir: Path, data: str | None, data_dir: str | None, split: str,
+           progress: bool) -> tuple[str, list[str], Any, cfg.TrainConfig]:
     """(data set name, its classes, the ImageSet of `split`, the run's config)."""
     from .data import load_data
 
     if data is None:
-        run_data = runs.load_run_data(run_dir, data_dir)
+        run_data = runs.load_run_data(run_dir, data_dir, progress=progress)
         if split == "val" and run_data.val is None:
             raise ConfigError(f"--split val: {run_dir} was trained without --holdout, so it held no validation "
                               f"images out; evaluate it on --split test")
@@ -96,7 +96,7 @@ def _split(run_dir: Path, data: str | None, data_dir: str | None,
         raise ConfigError("--split val is the held-out part of the run's own data; it does not combine with --data")
     saved = cfg.load_file(cfg.TrainConfig, run_dir / runs.CONFIG_FILE)
     bundle = load_data(data, data_dir or saved.data_dir, seed=saved.seed, image_size=saved.image_size,
-                       val_fraction=saved.val_fraction)
+                       val_fraction=saved.val_fraction, progress=progress)
     return bundle.name, bundle.classes, bundle.test, saved
 
 

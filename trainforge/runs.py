@@ -2,7 +2,7 @@
 
     <run>/config.yaml        the resolved TrainConfig: `trainforge train --config <run>/config.yaml` re-runs it
     <run>/model.safetensors  weights of the model with its preprocessing (raw uint8 images in, logits out)
-    <run>/model.json         what rebuilds the model: architecture, classes, input contract
+    <run>/model.json         what rebuilds the model: architecture, classes, input contract, temperature
     <run>/state.pt           model, optimizer, scheduler, RNG and loop position, to resume (weights_only loading)
     <run>/metrics.jsonl      one JSON line per epoch
     <run>/summary.json       the final result
@@ -56,6 +56,7 @@ class ModelInfo:
     std: list[float]
     width: int | None = None
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    temperature: float = 1.0  # the model divides its logits by it (`apply_temperature`); 1.0 in runs made before
 
     @classmethod
     def from_values(cls, values: Any, source: str | os.PathLike) -> "ModelInfo":
@@ -96,7 +97,13 @@ class ModelInfo:
             fail("field 'std' must be positive")
         if not isinstance(values.get("extra", {}), dict):
             fail("field 'extra' must be a JSON object")
+        if not _valid_temperature(values.get("temperature", 1.0)):
+            fail(f"field 'temperature' is {str(values['temperature'])[:40]}, expected a finite number > 0")
         return cls(**values)
+
+
+def _valid_temperature(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
 # Bounds on the sizes a model description may ask for: far beyond any real run, small enough to build in memory.
@@ -116,6 +123,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot write ({exc.strerror or exc})") from None
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a run directory is as readable as any file written
         with os.fdopen(fd, mode) as handle:
             yield handle
             handle.flush()
@@ -132,6 +140,15 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
             os.unlink(tmp)
         raise
     _fsync_dir(path.parent)
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it (threads may be creating files)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    return 0o022
 
 
 def _test_write_delay() -> None:
@@ -383,8 +400,20 @@ def build_model(info: ModelInfo) -> nn.Module:
     """The architecture described by `info`, with its preprocessing, untrained."""
     from .models import build_classifier
 
-    return build_classifier(info.model, info.num_classes, info.in_channels, info.image_size, tuple(info.mean),
-                            tuple(info.std), width=info.width)
+    model = build_classifier(info.model, info.num_classes, info.in_channels, info.image_size, tuple(info.mean),
+                             tuple(info.std), width=info.width)
+    model.temperature = float(info.temperature)
+    return model
+
+
+def apply_temperature(run_dir: str | os.PathLike, temperature: float) -> ModelInfo:
+    """Records `temperature` in a finished run's model.json (atomically), so that its model, as `load()`, export and
+    serving rebuild it, divides its logits by it: calibrated probabilities, the same top-1 answers. 1.0 undoes it."""
+    if not _valid_temperature(temperature):
+        raise ConfigError(f"temperature must be a finite number > 0, got {temperature!r}")
+    info = dataclasses.replace(read_model_info(run_dir), temperature=float(temperature))
+    write_json(Path(run_dir) / MODEL_INFO, dataclasses.asdict(info))
+    return info
 
 
 def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str | os.PathLike) -> None:
@@ -440,8 +469,9 @@ class RunData:
         return self.val if self.val is not None else self.test
 
 
-def load_run_data(run_dir: str | os.PathLike, data_dir: str | None = None) -> RunData:
-    """The data of a run: its data set (from `data_dir`, else the run's own root) split as the run split it."""
+def load_run_data(run_dir: str | os.PathLike, data_dir: str | None = None, *, progress: bool = False) -> RunData:
+    """The data of a run: its data set (from `data_dir`, else the run's own root) split as the run split it; a
+    folder decoded with a progress bar when `progress` (a cache hit shows none)."""
     from . import config as cfg
     from .data import ImageSet, balanced_subset, load_data
     from .data.loaders import holdout_split
@@ -449,7 +479,7 @@ def load_run_data(run_dir: str | os.PathLike, data_dir: str | None = None) -> Ru
 
     config = cfg.load_file(cfg.TrainConfig, Path(run_dir) / CONFIG_FILE)
     root = data_dir or config.data_dir
-    common = dict(seed=config.seed, image_size=config.image_size, val_fraction=config.val_fraction)
+    common = dict(seed=config.seed, image_size=config.image_size, val_fraction=config.val_fraction, progress=progress)
     dataset = load_data(config.data, root, **common)
     trained = dataset
     if config.data in BUILTIN_DATASETS and config.subset is not None:

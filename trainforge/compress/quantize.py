@@ -13,6 +13,7 @@ from torch import nn
 
 from .. import runs
 from ..errors import DeployError
+from ..models import tempered
 
 
 def quantize_onnx_static(fp32_path: Path, out_path: Path, calibration: np.ndarray, batch_size: int = 64) -> None:
@@ -81,9 +82,10 @@ class ReducedPrecision(nn.Module):
         self.preprocess = copy.deepcopy(classifier.preprocess)
         self.net = copy.deepcopy(classifier.net).to(dtype)
         self.dtype = dtype
+        self.temperature = classifier.temperature
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.net(self.preprocess(images).to(self.dtype)).float()
+        return tempered(self.net(self.preprocess(images).to(self.dtype)).float(), self.temperature)
 
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}

@@ -205,6 +205,10 @@ def decode_into(paths: Sequence[pathlib.Path], size: tuple[int, int], channels: 
             errors.extend(chunk_errors)
             if errors:
                 break
+            if not done:  # the first chunk took about what each round of `workers` chunks will
+                rounds = math.ceil(len(chunks) / workers)
+                bar.print(f"decoding {len(paths):,} images to {size[1]}x{size[0]}x{channels} in {workers} "
+                          f"process{'es' if workers > 1 else ''}: about {rounds * (time.perf_counter() - started):.0f} s")
             done += stop - start
             bar.update(completed=done, rate=f"{done / (time.perf_counter() - started):,.0f} images/s")
     finally:

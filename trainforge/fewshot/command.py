@@ -151,7 +151,7 @@ def fewshot(options: FewshotConfig | dict[str, Any], *, data: DataBundle | None 
     device = resolve_device(options.device)
     precision = resolve_precision(options.precision, device)
     bundle = data or load_data(options.data, options.data_dir, seed=options.seed, image_size=options.image_size,
-                               val_fraction=options.val_fraction)
+                               val_fraction=options.val_fraction, progress=progress)
     if options.episodes:  # what the episodes need, before any image is embedded
         classes = len(bundle.classes)
         if not 2 <= (options.ways or classes) <= classes:

@@ -156,6 +156,11 @@ def resize_images(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
 
 
+def tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """`logits / temperature`; the logits themselves (no extra graph node) at temperature 1."""
+    return logits if temperature == 1.0 else logits / temperature
+
+
 class Classifier(nn.Module):
     """Preprocessing followed by a network: takes raw uint8 images, returns logits."""
 
@@ -163,13 +168,18 @@ class Classifier(nn.Module):
         super().__init__()
         self.preprocess = preprocess
         self.net = net
+        # Set from a calibrated run's model.json by `runs.build_model`; part of the forward pass, so that load(),
+        # export and serving all see the calibrated probabilities. A constant, not a weight: training leaves it.
+        self.temperature = 1.0
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         head = self._normalizing_head()
         if head is not None:
             # Called as a module, so that hooks on it (FSDP gathering its shards) run.
-            return head(self.preprocess.pixels(images).flatten(1), *self.preprocess.feature_affine())
-        return self.net(self.preprocess(images))
+            logits = head(self.preprocess.pixels(images).flatten(1), *self.preprocess.feature_affine())
+        else:
+            logits = self.net(self.preprocess(images))
+        return tempered(logits, self.temperature)
 
     def _normalizing_head(self) -> nn.Module | None:
         """The net's only layer after a flatten, when it can apply the normalization itself (see

@@ -1,9 +1,11 @@
 """Write one self-contained HTML report of a run, or comparing several runs (plots embedded as PNG).
 
-The report holds the loss and accuracy curves and the training throughput of each epoch (from metrics.jsonl), the
-confusion matrix, the per-class accuracy and the most confidently misclassified images of the run's model on its
-evaluation set (the test set, or the held-out validation part for runs trained with --holdout, such as tune
-trials), and a summary of this machine's hardware. It needs no network and no other file to open.
+The report holds the loss and accuracy curves and the training throughput of each epoch (from metrics.jsonl), and
+for the run's model on its evaluation set the per-class precision and recall with 95% (Wilson) intervals, the
+expected calibration error, the confusion matrix, the per-class accuracy and the most confidently misclassified images
+(the figures are marked uncertain when a class has fewer than 30 images there), and a summary of this machine's
+hardware. The evaluation set is the test set, or the held-out validation part for runs trained with --holdout (such
+as tune trials). The report needs no network and no other file to open.
 
 Examples:
   trainforge report runs/x                        # writes runs/x/report.html
@@ -38,7 +40,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result = write_report(args.run_dirs, args.out, data_dir=args.data_dir, device=args.device,
                           batch_size=args.batch_size, worst=args.worst)
     if not (args.json or args.quiet):
-        accuracies = ", ".join(f"{r['label']} {r['split']} accuracy {r['accuracy']:.4f}" for r in result["runs"])
+        accuracies = ", ".join(f"{r['label']} {r['split']} accuracy {r['accuracy']:.4f}, ECE {r['ece']:.4f}"
+                               for r in result["runs"])
         print(f"report with {result['images']} plots written to {result['out']} ({accuracies})")
     return result
 
@@ -74,8 +77,10 @@ def write_report(run_dirs: list[str | Path], out: str | Path | None = None, *, d
     page = render_html(analyses, figures, hardware_summary(), sections)
     runs.write_text(out_path, page)
     return {"out": str(out_path), "images": len(figures),
-            "runs": [{"label": a.label, "run_dir": a.run_dir, "split": a.split, "accuracy": a.accuracy,
-                      "per_class_accuracy": dict(zip(a.classes, a.per_class_accuracy.tolist()))}
+            "runs": [{"label": a.label, "run_dir": a.run_dir, "split": a.split, "accuracy": a.heldout.accuracy,
+                      "ece": a.heldout.ece, "temperature": a.temperature,
+                      "per_class_accuracy": dict(zip(a.heldout.classes, a.heldout.per_class_accuracy.tolist())),
+                      "per_class": a.heldout.per_class, "uncertain_classes": a.heldout.uncertain}
                      for a in analyses]}
 
 

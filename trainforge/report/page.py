@@ -6,7 +6,8 @@ import base64
 import html
 from typing import Any
 
-from .analysis import RunAnalysis
+from . import stats
+from .analysis import HeldoutAnalysis, RunAnalysis
 
 CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
@@ -37,8 +38,10 @@ def render_html(analyses: list[RunAnalysis], figures: list[tuple[str, str, bytes
              f"<style>{CSS}</style></head><body>", f"<h1>{esc(title)}</h1>", "<h2>Runs</h2>"]
     header = ["", *[esc(a.label) for a in analyses]]
     body = [["run directory", *[esc(a.run_dir) for a in analyses]],
-            ["evaluated on", *[f"{a.split} set, {int(a.confusion.sum())} images" for a in analyses]],
-            ["accuracy (now)", *[f"{100 * a.accuracy:.2f}%" for a in analyses]],
+            ["evaluated on", *[f"{a.split} set, {int(a.heldout.confusion.sum())} images" for a in analyses]],
+            ["accuracy (now)", *[f"{100 * a.heldout.accuracy:.2f}%" for a in analyses]],
+            ["expected calibration error", *[f"{a.heldout.ece:.4f}" for a in analyses]],
+            ["temperature", *[f"{a.temperature:.4g}" for a in analyses]],
             ["accuracy (at the end of training)",
              *[_pct(a.summary.get("test_acc")) for a in analyses]],
             ["training time", *[_seconds(a.summary.get("train_seconds")) for a in analyses]],
@@ -48,6 +51,8 @@ def render_html(analyses: list[RunAnalysis], figures: list[tuple[str, str, bytes
     for name, field in RUN_FIELDS:
         body.append([name, *[esc(_value(getattr(a.config, field))) for a in analyses]])
     parts.append(_table(header, body))
+    parts.append("<h2>Per-class precision and recall (95% Wilson intervals)</h2>")
+    parts += [heldout_html(a.heldout, f"{a.label}: {a.split} set") for a in analyses]
     for heading, columns, rows in sections:
         parts.append(f"<h2>{esc(heading)}</h2>")
         parts.append(_table([esc(c) for c in columns], [[esc(str(c)) for c in row] for row in rows]))
@@ -65,6 +70,33 @@ def render_html(analyses: list[RunAnalysis], figures: list[tuple[str, str, bytes
     parts.append(_table(["", "value"], [[esc(k), esc(str(v))] for k, v in hardware.items()]))
     parts.append("</body></html>\n")
     return "\n".join(parts)
+
+
+def heldout_html(heldout: HeldoutAnalysis, title: str) -> str:
+    """The per-class table of a HeldoutAnalysis: precision and recall of each class with their 95% intervals and
+    image counts, the expected calibration error, and a warning where classes have too few images to be sure."""
+    esc, h = html.escape, heldout
+    parts = [f"<h3>{esc(title)}</h3>",
+             f"<p>Accuracy {h.accuracy:.4f} on {int(h.confusion.sum())} images; expected calibration error "
+             f"{h.ece:.4f} ({stats.ECE_BINS} confidence bins).</p>"]
+    if h.uncertain:
+        named = ", ".join(h.uncertain[:10]) + (f" and {len(h.uncertain) - 10} more" if len(h.uncertain) > 10 else "")
+        parts.append(f"<p><strong>These figures are uncertain:</strong> {len(h.uncertain)} of {len(h.classes)} "
+                     f"classes have fewer than {stats.UNCERTAIN_PER_CLASS} held-out images ({esc(named)}); read "
+                     f"the intervals, not the point values.</p>")
+    rows = [[esc(row["class"]), _with_interval(row, "precision"), _with_interval(row, "recall")]
+            for row in h.per_class]
+    parts.append(_table(["class", "precision", "recall"], rows))
+    return "\n".join(parts)
+
+
+def _with_interval(row: dict[str, Any], figure: str) -> str:
+    """A figure as "0.93 (0.88–0.96), n = 120", its interval in brackets; "– (n = 0)" for a figure of no images."""
+    n = row[f"{figure}_n"]
+    if row[figure] is None:
+        return "&ndash; (n = 0)"
+    low, high = row[f"{figure}_interval"]
+    return f"{row[figure]:.2f} ({low:.2f}&ndash;{high:.2f}), n = {n}"
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:

@@ -39,6 +39,11 @@ class Bar:
         if self.progress is not None:
             self.progress.advance(self.task)
 
+    def print(self, line: str) -> None:
+        """One line above the bar."""
+        if self.progress is not None:
+            self.progress.console.print(line, markup=False, highlight=False)
+
     def close(self) -> None:
         if self.progress is not None:
             self.progress.stop()

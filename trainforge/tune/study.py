@@ -253,7 +253,7 @@ def run_worker(settings: TuneSettings, space: SearchSpace, n_trials: int, seed: 
     study = open_study(settings, space, sampler_seed=seed)
     base = space.base
     bundle = load_data(base.data, base.data_dir, subset=base.subset, seed=base.seed, image_size=base.image_size,
-                       val_fraction=base.val_fraction, loader=base.loader)
+                       val_fraction=base.val_fraction, loader=base.loader, progress=progress is not None)
     trials_dir = Path(settings.out) / "trials"
     trials_dir.mkdir(parents=True, exist_ok=True)
     callbacks = [optuna.study.MaxTrialsCallback(settings.trials, states=_states())]
