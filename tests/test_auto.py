@@ -5,6 +5,7 @@ bad input as one line and status 2. Nothing here depends on the machine's speed:
 
 from __future__ import annotations
 
+import html
 import json
 from pathlib import Path
 
@@ -71,6 +72,27 @@ def test_auto_json_holds_every_decision_and_the_plan_against_the_actual(auto_run
     assert cpu["latency_ms_p99"] >= cpu["latency_ms_p50"] > 0 and str(cpu["best_batch"]) in cpu["by_batch"]
     plan = json.loads((out / "plan.json").read_text())
     assert plan["winner"] == values["winner"] and set(plan["stages"]) == set(values["stages"])
+    # Deployment and report reserved what the winner's trial model was measured to need, at least their shares.
+    for stage in ("deploy", "report"):
+        assert values["reserve_s"][stage] >= values["stages"][stage]["planned_s"]
+
+
+def test_the_temperature_is_kept_in_the_model_only_where_it_lowers_the_heldout_error(auto_run):
+    _, out, _, _ = auto_run
+    values = json.loads((out / "auto.json").read_text())
+    calibration = values["calibration"]
+    plan = json.loads((out / "plan.json").read_text())
+    assert calibration["temperature"] > 0 and calibration["validation_images"] == plan["val_images"]  # choose's part
+    assert calibration["kept"] == (calibration["ece_after"] < calibration["ece_before"])
+    stored = json.loads((out / "run" / "model.json").read_text()).get("temperature", 1.0)
+    assert stored == (calibration["temperature"] if calibration["kept"] else 1.0)
+    held = values["heldout"]
+    assert held["images"] == 20 and held["ece"] == pytest.approx(calibration["ece_after" if calibration["kept"]
+                                                                             else "ece_before"])
+    assert len(held["per_class"]) == 10 and sum(r["recall_n"] for r in held["per_class"]) == 20
+    assert len(held["uncertain_classes"]) == 10  # 2 held-out images per class: every figure is uncertain
+    page = (out / "report.html").read_text()
+    assert "These figures are uncertain" in page and html.escape(calibration["why"]) in page
 
 
 def test_the_split_manifest_holds_out_images_the_search_and_training_never_saw(auto_run):

@@ -97,6 +97,41 @@ def keep_int8(fp32_acc: float, int8_acc: float, agreement: float) -> tuple[bool,
     return True, said
 
 
+# The report's figures (matplotlib's import and drawing), not timed beforehand: about 3 s on a 2-core machine.
+REPORT_FIGURES_S = 3.0
+# Margin on the measured estimate: the machine's speed varies while a run goes on.
+ESTIMATE_MARGIN = 1.25
+
+
+def deployment_seconds(run_dir: Path, scratch: Path, images: "torch.Tensor", heldout: int, validation: int,
+                       clock: Clock) -> dict[str, float]:
+    """Seconds the deployment stage and the report will take for the model of `run_dir` (the winner's trial, the
+    same network the final training makes), timed on `clock`: one fp32 export with its parity check on `images`,
+    ONNX Runtime's per-image time in batches and at batch 1, scaled to what the stages do with them (the
+    calibration's and the report's passes over the validation and held-out parts, the int8 calibration images
+    and a second export for the int8 graph, the latency calls on each device)."""
+    from ..deploy.formats import onnx_predictor, onnx_session
+    from ..export import export_run
+
+    path = scratch / ".deploy-estimate.onnx"
+    started = clock.now()
+    export_run(run_dir, path, images=images.numpy())
+    export_s = clock.now() - started
+    started = clock.now()
+    predictions(path, images.numpy())
+    per_image = (clock.now() - started) / max(len(images), 1)
+    predict, one = onnx_predictor(onnx_session(path)), np.ascontiguousarray(images[:1].numpy())
+    started = clock.now()
+    for _ in range(5):
+        predict(one)
+    per_call = (clock.now() - started) / 5
+    path.unlink(missing_ok=True)
+    passes = per_image * (validation + 3 * heldout + CALIBRATION_IMAGES)  # torch and ONNX Runtime alike
+    deploy = 2 * export_s + passes + len(providers()) * (LATENCY_CALLS + 50) * per_call
+    return {"deploy": ESTIMATE_MARGIN * deploy,
+            "report": ESTIMATE_MARGIN * 2 * heldout * per_image + REPORT_FIGURES_S}
+
+
 def export_fp32(run_dir: Path, out: Path, heldout: ImageSet) -> dict[str, Any]:
     """The run's model as ONNX at `out`, parity-checked on the held-out images (export's own check)."""
     from ..export import export_run

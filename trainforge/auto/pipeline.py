@@ -81,10 +81,11 @@ class Record:
         return self.clock.now() - self.clock.start
 
     def left_until(self, stage: str) -> float:
-        """Seconds from now to the end of `stage`'s share (the shares taken in order)."""
-        names = list(SHARES)
-        end = sum(SHARES[n] for n in names[:names.index(stage) + 1]) * self.seconds
-        return end - self.spent()
+        """Seconds from now to the end of `stage`: the budget less what the later stages reserve (their shares,
+        or, once the search has found the winner, what its deployment and report were measured to need)."""
+        later = list(SHARES)[list(SHARES).index(stage) + 1:]
+        reserve = self.values.get("reserve_s") or {n: SHARES[n] * self.seconds for n in ("deploy", "report")}
+        return self.seconds - sum(reserve.get(n, SHARES[n] * self.seconds) for n in later) - self.spent()
 
     def save(self) -> None:
         self.values["elapsed_s"] = round(self.spent(), 3)
@@ -141,6 +142,12 @@ def run_stages(record: Record, options: AutoOptions, progress: bool, say: Any,
         split, candidates = _plan(record, options, progress, say)
     plan = _search(record, options, split, candidates, progress, say, part_clock)
     run_dir = out / RUN_DIR
+    if "reserve_s" not in record.values:
+        record.values["reserve_s"] = _reserve(record, out, plan, split)
+        record.save()
+        say(f"reserved for deployment {record.values['reserve_s']['deploy']:.0f} s and the report "
+            f"{record.values['reserve_s']['report']:.0f} s (measured on the winner's trial model); final training "
+            f"gets {max(record.left_until('train'), 0):.0f} s")
     if not record.done("train"):
         with record.stage("train"):
             record.values["final_training"] = _final_training(record, options, split, plan, run_dir, progress,
@@ -148,6 +155,8 @@ def run_stages(record: Record, options: AutoOptions, progress: bool, say: Any,
     say(_trained_line(record.values["final_training"]))
     if not record.done("deploy"):
         with record.stage("deploy"):
+            record.values["calibration"] = calibrate(run_dir, split, options.seed)
+            record.values["heldout"] = record.values["calibration"].pop("heldout")
             record.values["deploy"] = _deploy(record, out, run_dir, split)
     deployed = Path(record.values["deploy"]["deployed"])
     record.values["serve_command"] = f"trainforge serve {shlex.quote(str(deployed))}"
@@ -279,6 +288,45 @@ def _too_short(options: AutoOptions, found: list[Candidate], search_seconds: flo
                        f"--time {int(whole) + 1}s")
 
 
+def _reserve(record: Record, out: Path, plan: TimePlan, split: inputs.Split) -> dict[str, float]:
+    """Seconds the deployment and the report will need, from the winner's trial model (same network, same
+    images): at least their shares of the budget, more where its measured export and inference say so."""
+    trial = trial_dir(out / TRIALS_DIR, plan.winning())
+    if not (trial / runs.MODEL_INFO).is_file():  # a trial reused from a shared --storage: no model here
+        return {n: SHARES[n] * record.seconds for n in ("deploy", "report")}
+    validation = round(cfg.TrainConfig().val_fraction * len(split.search.train.labels))  # calibrate()'s part
+    need = deploy.deployment_seconds(trial, out, deploy.training_images(split.search, 64), len(split.heldout.labels),
+                                     validation, record.clock)
+    return {"deploy": max(SHARES["deploy"] * record.seconds, need["deploy"]),
+            "report": max(SHARES["report"] * record.seconds, need["report"])}
+
+
+def calibrate(run_dir: Path, split: inputs.Split, seed: int) -> dict[str, Any]:
+    """A temperature fitted on the search's validation part (the part choose_model scored on) and recorded in the
+    model, kept only if it lowers the expected calibration error on the held-out part; that part's figures
+    (per-class intervals, confusion, ECE) with the temperature kept. The final model trained on the validation
+    part too, so the fit can be biased toward overconfidence: the held-out check decides."""
+    from ..data.loaders import holdout_split
+    from ..report import stats
+    from ..report.analysis import analyze_logits, model_logits
+
+    model = runs.load(run_dir)
+    validation = holdout_split(split.search, cfg.TrainConfig().val_fraction, seed).test
+    temperature = stats.fit_temperature(model_logits(model, validation.images), validation.labels)
+    held = model_logits(model, split.heldout.images)
+    before = stats.expected_calibration_error(held.softmax(1), split.heldout.labels)
+    after = stats.expected_calibration_error((held / temperature).softmax(1), split.heldout.labels)
+    kept = after < before
+    if kept:
+        runs.apply_temperature(run_dir, temperature)
+    why = (f"temperature {temperature:.3g} fitted on {len(validation.labels):,} validation images: held-out ECE "
+           f"{before:.4f} -> {after:.4f}, {'kept' if kept else 'not kept (no lower)'}")
+    heldout = analyze_logits(held / temperature if kept else held, split.heldout.labels, split.heldout.images,
+                             list(model.classes))
+    return {"temperature": temperature, "kept": kept, "ece_before": before, "ece_after": after,
+            "validation_images": len(validation.labels), "why": why, "heldout": heldout.summary()}
+
+
 def _final_training(record: Record, options: AutoOptions, split: inputs.Split, plan: TimePlan, run_dir: Path,
                     progress: bool, part_clock: Any) -> dict[str, Any]:
     """The winner trained on the whole search part for what is left before deployment's share, from its
@@ -371,8 +419,8 @@ def _deploy(record: Record, out: Path, run_dir: Path, split: inputs.Split) -> di
     result["size_bytes"] = deployed.stat().st_size
     sample = deploy.training_images(split.search, 64).numpy()
     result["speed"] = [dataclasses.asdict(s) for s in
-                       deploy.measure_speed(deployed, sample, record.clock, record.clock.start
-                                            + (1 - SHARES["report"]) * record.seconds)]
+                       deploy.measure_speed(deployed, sample, record.clock,
+                                            record.clock.now() + record.left_until("deploy"))]
     if note := deploy.cuda_note():
         result["cuda"] = note
     return result
@@ -391,6 +439,7 @@ def report_sections(values: dict[str, Any]) -> list[tuple[str, list[str], list[l
         candidates.append([d["candidate"], "-", "-", "-", f"dropped: {d['why']}"])
     dep = values["deploy"]
     deploy_rows = [["deployed file", dep["deployed"]], ["int8", dep["int8"]["why"]],
+                   ["calibration", values["calibration"]["why"]],
                    ["fp32 parity (held-out)", json.dumps(dep["fp32"]["parity"])]]
     for s in dep["speed"]:
         deploy_rows.append([f"{s['device']} latency batch 1", f"p50 {s['latency_ms_p50']:.3f} ms, p99 "
