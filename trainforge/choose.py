@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -57,6 +58,7 @@ class Candidate:
     steps_in_budget: int | None = None
     val_acc: float | None = None
     trial_seconds: float | None = None
+    needed_seconds: float | None = None  # a trial too short for the candidate: the time it said it needs
     note: str = ""
 
     @property
@@ -150,10 +152,17 @@ def candidates_for(config: cfg.TrainConfig, bundle: DataBundle) -> list[Candidat
 
 def choose_model(config: cfg.TrainConfig, clock: budget.Clock, *, bundle: DataBundle | None = None,
                  candidates: list[Candidate] | None = None, trial_clock: Any = budget.Clock,
-                 storage: str | None = None, study_name: str | None = None, progress: bool = True) -> TimePlan:
+                 storage: Any = None, study_name: str | None = None, progress: bool = True,
+                 search_seconds: float | None = None, reserve_seconds: float = 0.0,
+                 trials_dir: Path | None = None, callbacks: tuple = ()) -> TimePlan:
     """Tries every candidate for `config.data` (or `candidates`) within SEARCH_SHARE of the budget `config.time`
-    (counted on `clock` from its start) and returns the plan with the winner. `trial_clock()` makes each trial's
-    clock (tests pass fake ones); `storage`/`study_name`: an Optuna storage to share, as `tune` does."""
+    (or `search_seconds`), counted on `clock` from its start, and returns the plan with the winner.
+
+    `trial_clock()` makes each trial's clock (tests pass fake ones); `storage`/`study_name`: an Optuna storage (a URL
+    or an opened one) to share, as `tune` does: a candidate whose trial that study already finished on the same
+    data, seed and time share is not tried again (`auto --resume`). `reserve_seconds`: the time kept after the
+    winner's training (steps in budget leave it out); `trials_dir`: where the trials' runs are kept (default: a
+    temporary folder); `callbacks`: Optuna's, called after each trial."""
     import optuna
 
     seconds = cfg.parse_duration(config.time)
@@ -162,12 +171,14 @@ def choose_model(config: cfg.TrainConfig, clock: budget.Clock, *, bundle: DataBu
                                  image_size=config.image_size, val_fraction=config.val_fraction)
     split = holdout_split(bundle, config.val_fraction, config.seed)
     found = candidates or candidates_for(config, bundle)
-    share = seconds * SEARCH_SHARE / len(found)
+    share = (seconds * SEARCH_SHARE if search_seconds is None else search_seconds) / len(found)
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failed trial is a row of the table, not a traceback
     study = optuna.create_study(direction="maximize", storage=storage, study_name=study_name,
                                 load_if_exists=storage is not None,
                                 pruner=optuna.pruners.SuccessiveHalvingPruner(min_resource=1))
-    for candidate in found:
+    search = {"data": config.data, "seed": config.seed, "share_seconds": round(share, 3)}
+    left = _reuse_finished(study, found, search)
+    for candidate in left:
         study.enqueue_trial({"candidate": candidate.name})
     names = [c.name for c in found]
     by_name = {c.name: c for c in found}
@@ -175,17 +186,40 @@ def choose_model(config: cfg.TrainConfig, clock: budget.Clock, *, bundle: DataBu
 
     def objective(trial: Any) -> float:
         candidate = by_name[trial.suggest_categorical("candidate", names)]
-        return _trial(candidate, config, split, share, trial, trial_clock(), progress)
+        try:
+            return _trial(candidate, config, split, share, trial, trial_clock(), progress)
+        finally:
+            trial.set_user_attr("search", search)
+            trial.set_user_attr("measured", dataclasses.asdict(candidate))
     with tempfile.TemporaryDirectory(prefix="trainforge-choose-") as tmp:
-        config = dataclasses.replace(config, out=tmp)
-        study.optimize(objective, n_trials=len(found), catch=(TrainingError,))
-    search = clock.now() - started
-    left = seconds - (clock.now() - clock.start) - budget.EXIT_SECONDS
+        config = dataclasses.replace(config, out=str(trials_dir or tmp))
+        study.optimize(objective, n_trials=len(left), catch=(TrainingError,), callbacks=list(callbacks))
+    search_seconds = clock.now() - started
+    left_seconds = seconds - (clock.now() - clock.start) - budget.EXIT_SECONDS - reserve_seconds
     for c in found:
         if c.samples_per_second:
-            c.steps_in_budget = math.floor(left * c.samples_per_second / _batch(c, config))
-    return _decide(config, found, seconds, search, len(split.train.labels), len(split.test.labels),
+            c.steps_in_budget = math.floor(left_seconds * c.samples_per_second / _batch(c, config))
+    return _decide(config, found, seconds, search_seconds, len(split.train.labels), len(split.test.labels),
                    len(bundle.classes))
+
+
+def _reuse_finished(study: Any, found: list[Candidate], search: dict[str, Any]) -> list[Candidate]:
+    """Fills the candidates whose trial `study` finished (complete, pruned or failed) under the same `search` from
+    what that trial measured; returns the others, to be tried."""
+    import optuna
+
+    done = {}
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,
+                                                          optuna.trial.TrialState.PRUNED,
+                                                          optuna.trial.TrialState.FAIL)):
+        measured = trial.user_attrs.get("measured")
+        if trial.user_attrs.get("search") == search and measured:
+            done[measured["name"]] = measured
+    for candidate in found:
+        if candidate.name in done:
+            for key, value in done[candidate.name].items():
+                setattr(candidate, key, value)
+    return [c for c in found if c.name not in done]
 
 
 def _batch(candidate: Candidate, config: cfg.TrainConfig) -> int:
@@ -201,7 +235,8 @@ def _trial(candidate: Candidate, config: cfg.TrainConfig, split: DataBundle, sec
     """Trains `candidate` on `split` for `seconds`, filling the candidate's measurements; its validation accuracy."""
     import optuna
 
-    out = Path(config.out) / candidate.name.replace(" ", "-").replace("@", "-")
+    out = trial_dir(Path(config.out), candidate)
+    shutil.rmtree(out, ignore_errors=True)  # what a killed try of this trial left (auto --resume)
     clock.start = clock.now()
     fields = {"time": f"{seconds:.1f}s", "seed": config.seed, "device": config.device, "out": str(out),
               "tensorboard": False, "memory_budget": config.memory_budget, **candidate.train_options()}
@@ -223,6 +258,7 @@ def _trial(candidate: Candidate, config: cfg.TrainConfig, split: DataBundle, sec
             result = train(fields, data=split, hooks=Hooks(on_epoch=report), progress=False, clock=clock).to_dict()
     except TrainingError as exc:
         candidate.note = str(exc).split(":")[0]
+        candidate.needed_seconds = getattr(exc, "needed_seconds", None)
         raise
     candidate.val_acc, candidate.trial_seconds = result["test_acc"], clock.now() - clock.start
     candidate.peak_memory_bytes = result.get("peak_gpu_bytes") or result.get("peak_rss_bytes")
@@ -236,6 +272,11 @@ def _trial(candidate: Candidate, config: cfg.TrainConfig, split: DataBundle, sec
         candidate.note = "pruned"
         raise optuna.TrialPruned()
     return candidate.val_acc
+
+
+def trial_dir(trials_dir: Path, candidate: Candidate) -> Path:
+    """The run directory of `candidate`'s trial under `trials_dir`."""
+    return trials_dir / candidate.name.replace(" ", "-").replace("@", "-")
 
 
 def _time_plan(out: Path) -> dict[str, Any] | None:

@@ -36,6 +36,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "hw": ("trainforge.hw", "show this machine's devices and measure their ceilings"),
     "bench": ("trainforge.bench.command", "measure a model's training/inference speed and MFU per device"),
     "lr-find": ("trainforge.lr_find", "suggest a learning rate by the range test, with its plot"),
+    "auto": ("trainforge.auto.command", "a folder of images to a deployed, measured model within one time budget"),
 }
 
 

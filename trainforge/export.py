@@ -55,8 +55,9 @@ def parity_images(run_dir: str | os.PathLike, count: int, data_dir: str | None =
 
 def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, format: str = "onnx", opset: int | None = None,
                data_dir: str | None = None, check_images: int = DEFAULT_CHECK_IMAGES, atol: float = 1e-4,
-               min_agreement: float = 0.999) -> dict[str, Any]:
-    """Exports a run's model to `out` and checks it against the run's model on test images.
+               min_agreement: float = 0.999, images: np.ndarray | None = None) -> dict[str, Any]:
+    """Exports a run's model to `out` and checks it against the run's model on test images (or `images`, uint8
+    [N, C, H, W]: `auto` checks on its held-out part).
 
     Raises DeployError, after removing `out`, when the written file fails to load or to run in its runtime, or
     disagrees beyond `atol` / `min_agreement` (a NaN difference counts as disagreeing).
@@ -71,7 +72,7 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, format: str =
     if not out.parent.is_dir():
         raise ConfigError(f"--out {out}: directory {out.parent} does not exist")
     model = runs.load(run_dir)
-    images = parity_images(run_dir, check_images, data_dir)
+    images = parity_images(run_dir, check_images, data_dir) if images is None else images[:check_images]
     example = torch.from_numpy(images[:2])
     result: dict[str, Any] = {"format": format, "out": str(out), "run_dir": str(run_dir)}
     if format == "onnx":

@@ -34,19 +34,32 @@ class Timing:
 def time_predictor(runtime: str, predict: Predict, sample: np.ndarray, latency_calls: int = 200,
                    throughput_repeats: int = 5, throughput_batch: int = 256) -> Timing:
     """Times `predict` on `sample` (uint8 [N, C, H, W], N >= 1): batch-1 latency and batch-256 throughput."""
+    p50, p99 = latency(predict, sample, latency_calls)
+    return Timing(runtime, p50, p99, throughput(predict, sample, throughput_batch, throughput_repeats))
+
+
+def latency(predict: Predict, sample: np.ndarray, calls: int = 200) -> tuple[float, float]:
+    """p50 and p99 milliseconds of `predict` on one image of `sample`, after 5 untimed calls."""
     one = np.ascontiguousarray(sample[:1])
-    reps = -(-throughput_batch // len(sample))
-    big = np.ascontiguousarray(np.concatenate([sample] * reps)[:throughput_batch])
     for _ in range(5):
         predict(one)
     latencies = []
-    for _ in range(latency_calls):
+    for _ in range(calls):
         start = time.perf_counter()
         predict(one)
         latencies.append(time.perf_counter() - start)
+    lat = np.array(latencies) * 1000.0
+    return float(np.percentile(lat, 50)), float(np.percentile(lat, 99))
+
+
+def throughput(predict: Predict, sample: np.ndarray, batch: int = 256, repeats: int = 5) -> float:
+    """Images per second of `predict` on batches of `batch` images drawn from `sample` (repeated to fill them):
+    the median of `repeats` timed runs after one untimed call."""
+    reps = -(-batch // len(sample))
+    big = np.ascontiguousarray(np.concatenate([sample] * reps)[:batch])
     predict(big)
     rates = []
-    for _ in range(throughput_repeats):
+    for _ in range(repeats):
         # A repeat lasts at least ~0.2 s so that timer resolution and scheduling noise stay small against it.
         calls, start = 0, time.perf_counter()
         while True:
@@ -55,9 +68,8 @@ def time_predictor(runtime: str, predict: Predict, sample: np.ndarray, latency_c
             elapsed = time.perf_counter() - start
             if elapsed >= 0.2:
                 break
-        rates.append(calls * throughput_batch / elapsed)
-    lat = np.array(latencies) * 1000.0
-    return Timing(runtime, float(np.percentile(lat, 50)), float(np.percentile(lat, 99)), float(np.median(rates)))
+        rates.append(calls * batch / elapsed)
+    return float(np.median(rates))
 
 
 def compiled_predictor(model: nn.Module) -> Predict:

@@ -71,8 +71,9 @@ STATS_SAMPLE = 512
 
 def load_data(data: str, data_dir: str | None = None, *, subset: int | None = None, seed: int = 0,
               image_size: int | None = None, val_fraction: float = 0.1, loader: str = "auto",
-              memory_budget: int | None = None, progress: bool = False) -> DataBundle:
-    """Loads a built-in data set by name, or an image folder by path.
+              memory_budget: int | None = None, progress: bool = False,
+              exclude: frozenset[Path] = frozenset()) -> DataBundle:
+    """Loads a built-in data set by name, or an image folder by path (without the files in `exclude`).
 
     A folder is decoded once, at `image_size` (default: its first image's width), into the decoded-image cache
     (trainforge.data.cache; a progress bar when `progress`) and read from it by later runs. Built-in sets and
@@ -87,7 +88,7 @@ def load_data(data: str, data_dir: str | None = None, *, subset: int | None = No
         bundle = DataBundle(data, train, test, (info.mean,), (info.std,))
     elif Path(data).is_dir():
         bundle = _load_folder(data, image_size=image_size, val_fraction=val_fraction, seed=seed, subset=subset,
-                              loader=loader, memory_budget=memory_budget, progress=progress)
+                              loader=loader, memory_budget=memory_budget, progress=progress, exclude=exclude)
         subset = None
     else:
         raise DataError(f"data {data!r} is neither a built-in data set ({', '.join(BUILTIN_DATASETS)}) "
@@ -101,12 +102,11 @@ def load_data(data: str, data_dir: str | None = None, *, subset: int | None = No
 
 
 def _load_folder(path: str, *, image_size: int | None, val_fraction: float, seed: int, subset: int | None,
-                 loader: str, memory_budget: int | None, progress: bool) -> DataBundle:
+                 loader: str, memory_budget: int | None, progress: bool, exclude: frozenset[Path]) -> DataBundle:
     from .cache import decode_folder
-    from .folder import estimate_folder_bytes, infer_image_format, scan_image_folder
+    from .folder import estimate_folder_bytes, infer_image_format
 
-    train_files, val_files, classes = scan_image_folder(path)
-    listed = [file for file, _ in train_files + (val_files or [])]  # the cache holds the whole folder, every split
+    train_files, val_files, classes, listed = _scan(path, exclude)
     train_files, val_files = _splits(path, train_files, val_files, val_fraction, seed, subset)
     channels, size = infer_image_format(train_files, image_size=image_size)
     if image_size is None:
@@ -129,6 +129,25 @@ def _load_folder(path: str, *, image_size: int | None, val_fraction: float, seed
     shape_only = torch.empty((0, channels, *size), dtype=torch.uint8)
     return DataBundle(path, ImageSet(shape_only, labels, classes), test, mean, std,
                       stream=CachedRows(decoded.images, train_rows), note=decoded.note)
+
+
+def folder_splits(path: str, val_fraction: float, seed: int, exclude: frozenset[Path] = frozenset()
+                  ) -> tuple[list, list, list[str]]:
+    """The (train, val) files with labels, and the class names, that `load_data` makes of the folder at `path`."""
+    train_files, val_files, classes, _ = _scan(path, exclude)
+    return (*_splits(path, train_files, val_files, val_fraction, seed, None), classes)
+
+
+def _scan(path: str, exclude: frozenset[Path]) -> tuple[list, list | None, list[str], list[Path]]:
+    """The folder's train and val files (val None without val/), its classes, and every file the decoded-image
+    cache holds (the whole folder, every split), leaving out `exclude`."""
+    from .folder import scan_image_folder
+
+    train_files, val_files, classes = scan_image_folder(path)
+    if exclude:
+        train_files = [(f, c) for f, c in train_files if f not in exclude]
+        val_files = None if val_files is None else [(f, c) for f, c in val_files if f not in exclude]
+    return train_files, val_files, classes, [file for file, _ in train_files + (val_files or [])]
 
 
 def _splits(path: str, train_files: list, val_files: list | None, val_fraction: float, seed: int,

@@ -136,8 +136,9 @@ class _Job:
 
 def finetune(options: FinetuneConfig | dict[str, Any], train_options: dict[str, Any] | None = None, *,
              data: DataBundle | None = None, old_data: DataBundle | None = None,
-             progress: bool = True, clock: Clock | None = None) -> dict[str, Any]:
-    """Fine-tunes `options.source` on the data of `train_options` and writes a run directory.
+             progress: bool = True, clock: Clock | None = None, resume: str | Path | None = None) -> dict[str, Any]:
+    """Fine-tunes `options.source` on the data of `train_options` and writes a run directory (or, with `resume`,
+    continues the one there from its last checkpoint: the network is rebuilt from the source, then restored).
 
     `train_options` holds TrainConfig fields the caller sets (the rest come from fine-tuning defaults); `data`
     replaces loading `train_options["data"]`, and `old_data` (with `update`) the source run's own data set.
@@ -177,7 +178,7 @@ def finetune(options: FinetuneConfig | dict[str, Any], train_options: dict[str, 
                                  precision=layout.choose_precision(config.precision, job.model, device))
     config.eval_precision = layout.choose_eval_precision(config.eval_precision or (None if cache else "auto"),
                                                          config.precision, device)
-    result, feature_seconds = _train(config, job, hooks, cache, device, progress, clock)
+    result, feature_seconds = _train(config, job, hooks, cache, device, progress, clock, resume)
     model = job.model.cpu()
     if options.strategy == "lora":
         model.net = strategies.merge_lora(model.net)
@@ -263,10 +264,10 @@ def _strategy_hooks(options: FinetuneConfig, config: cfg.TrainConfig, source: so
 
 
 def _train(config: cfg.TrainConfig, job: _Job, hooks: Hooks, cache: bool, device: torch.device,
-           progress: bool, clock: Clock) -> tuple[TrainResult, float]:
+           progress: bool, clock: Clock, resume: str | Path | None = None) -> tuple[TrainResult, float]:
     """The training loop's result, and the seconds spent caching features first (0 without a cache)."""
     if not cache:
-        return train(config, data=job.bundle, hooks=hooks, progress=progress, clock=clock), 0.0
+        return train(config, data=job.bundle, hooks=hooks, progress=progress, clock=clock, resume=resume), 0.0
     started = time.perf_counter()
     batch_size, note = eval_batch_size(job.model, job.bundle.test.images[:PROBE_SIZES[-1]], device,
                                        config.eval_precision, config.memory_budget, config.eval_batch_size)
@@ -277,7 +278,7 @@ def _train(config: cfg.TrainConfig, job: _Job, hooks: Hooks, cache: bool, device
     feature_seconds = time.perf_counter() - started
     # The loop trains the head alone on the cached features; trained in place, it is already part of the model.
     hooks = Hooks(model=job.head, model_info=hooks.model_info)
-    return train(config, data=bundle, hooks=hooks, progress=progress, clock=clock), feature_seconds
+    return train(config, data=bundle, hooks=hooks, progress=progress, clock=clock, resume=resume), feature_seconds
 
 
 def _forgetting(job: _Job, config: cfg.TrainConfig, device: torch.device) -> dict[str, float]:

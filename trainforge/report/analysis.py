@@ -102,8 +102,9 @@ class RunAnalysis:
 
 def analyze_run(run_dir: str | Path, label: str, *, data_dir: str | None = None,
                 device: torch.device = torch.device("cpu"), batch_size: int = 2000,
-                worst: int = WORST_IMAGES) -> RunAnalysis:
-    """Reads a run's record and evaluates its model on the evaluation set it was trained against."""
+                worst: int = WORST_IMAGES, evaluation: Any = None) -> RunAnalysis:
+    """Reads a run's record and evaluates its model on the evaluation set it was trained against (or on
+    `evaluation`, an ImageSet: the held-out part `auto` kept, files it skipped left out)."""
     run_dir = Path(run_dir)
     model = runs.load(run_dir, device)
     summary_path = run_dir / runs.SUMMARY_FILE
@@ -111,12 +112,14 @@ def analyze_run(run_dir: str | Path, label: str, *, data_dir: str | None = None,
         summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DataError(f"{summary_path}: not valid JSON ({exc})") from None
-    run_data = runs.load_run_data(run_dir, data_dir)
-    config, dataset = run_data.config, run_data.dataset
-    if len(dataset.classes) > len(model.classes):
-        raise DataError(f"{dataset.name} has {len(dataset.classes)} classes but the model of {run_dir} predicts "
+    if evaluation is None:
+        run_data = runs.load_run_data(run_dir, data_dir)
+        config, evaluation = run_data.config, run_data.evaluation
+    else:
+        config = cfg.load_file(cfg.TrainConfig, run_dir / runs.CONFIG_FILE)
+    if len(evaluation.classes) > len(model.classes):
+        raise DataError(f"{config.data} has {len(evaluation.classes)} classes but the model of {run_dir} predicts "
                         f"{len(model.classes)}")
-    evaluation = run_data.evaluation
     return RunAnalysis(
         label=label, run_dir=str(run_dir), config=config, summary=summary, metrics=runs.read_metrics(run_dir),
         split="validation" if config.holdout else "test", temperature=model.info.temperature,

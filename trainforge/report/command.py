@@ -21,7 +21,7 @@ from typing import Any
 from .. import runs
 from ..errors import ConfigError
 from .analysis import WORST_IMAGES, analyze_run, build_figures, hardware_summary
-from .page import render_html
+from .page import Section, render_html
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -47,8 +47,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def write_report(run_dirs: list[str | Path], out: str | Path | None = None, *, data_dir: str | None = None,
-                 device: str = "auto", batch_size: int = 2000, worst: int = WORST_IMAGES) -> dict[str, Any]:
-    """Analyses each run, writes the HTML report (atomically) and returns where it is and what it shows."""
+                 device: str = "auto", batch_size: int = 2000, worst: int = WORST_IMAGES,
+                 sections: list[Section] = (), evaluation: Any = None) -> dict[str, Any]:
+    """Analyses each run, writes the HTML report (atomically) and returns where it is and what it shows;
+    `sections`: tables added after the runs' (see page.render_html); `evaluation`: the images to evaluate one run
+    on, instead of those its config names (see analysis.analyze_run)."""
     from ..train.device import resolve_device
 
     if not run_dirs:
@@ -67,10 +70,11 @@ def write_report(run_dirs: list[str | Path], out: str | Path | None = None, *, d
         raise ConfigError(f"--out {out_path}: directory {out_path.parent} does not exist")
     dev = resolve_device(device)
     labels = _labels([Path(d) for d in run_dirs])
-    analyses = [analyze_run(d, label, data_dir=data_dir, device=dev, batch_size=batch_size, worst=worst)
+    analyses = [analyze_run(d, label, data_dir=data_dir, device=dev, batch_size=batch_size, worst=worst,
+                            evaluation=evaluation)
                 for d, label in zip(run_dirs, labels)]
     figures = build_figures(analyses)
-    page = render_html(analyses, figures, hardware_summary())
+    page = render_html(analyses, figures, hardware_summary(), sections)
     runs.write_text(out_path, page)
     return {"out": str(out_path), "images": len(figures),
             "runs": [{"label": a.label, "run_dir": a.run_dir, "split": a.split, "accuracy": a.heldout.accuracy,

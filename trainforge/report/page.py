@@ -25,9 +25,13 @@ RUN_FIELDS = (("model", "model"), ("data", "data"), ("subset", "subset"), ("epoc
               ("width", "width"), ("seed", "seed"))
 
 
+Section = tuple[str, list[str], list[list[str]]]  # heading, column names, rows of plain text
+
+
 def render_html(analyses: list[RunAnalysis], figures: list[tuple[str, str, bytes]],
-                hardware: dict[str, Any]) -> str:
-    """The whole report as one HTML document; images are inline data: URIs."""
+                hardware: dict[str, Any], sections: list[Section] = ()) -> str:
+    """The whole report as one HTML document; images are inline data: URIs. `sections`: tables a caller adds
+    after the runs' (`auto`'s plan, candidates and deployment)."""
     esc = html.escape
     title = "trainforge report: " + ", ".join(a.label for a in analyses)
     parts = [f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{esc(title)}</title>"
@@ -49,9 +53,12 @@ def render_html(analyses: list[RunAnalysis], figures: list[tuple[str, str, bytes
     parts.append(_table(header, body))
     parts.append("<h2>Per-class precision and recall (95% Wilson intervals)</h2>")
     parts += [heldout_html(a.heldout, f"{a.label}: {a.split} set") for a in analyses]
-    sections = {"curves": "Training curves", "fewshot": "Few-shot episodes", "classes": "Classes",
+    for heading, columns, rows in sections:
+        parts.append(f"<h2>{esc(heading)}</h2>")
+        parts.append(_table([esc(c) for c in columns], [[esc(str(c)) for c in row] for row in rows]))
+    figure_sections = {"curves": "Training curves", "fewshot": "Few-shot episodes", "classes": "Classes",
                 "worst": "Worst-classified images"}
-    for key, heading in sections.items():
+    for key, heading in figure_sections.items():
         chosen = [(caption, png) for section, caption, png in figures if section == key]
         if chosen:
             parts.append(f"<h2>{heading}</h2>")

@@ -69,6 +69,33 @@ class Clock:
         return cls(time.monotonic, time.monotonic() - process_age())
 
 
+# Fault injection for tests of whole commands: with this set to a number of seconds, `auto`'s clocks advance that
+# much per reading instead of with the wall clock, so that what a budget buys is a count of readings, the same on
+# any machine. Unset (the default) it costs one look-up per command.
+TICK_ENV = "TRAINFORGE_TEST_CLOCK_TICK"
+
+
+class TickClock:
+    """A time that moves on by `tick` seconds each time it is read."""
+
+    def __init__(self, tick: float):
+        self.t, self.tick = 0.0, tick
+
+    def now(self) -> float:
+        self.t += self.tick
+        return self.t
+
+
+def command_clocks() -> tuple[Clock, Callable[[], Clock]]:
+    """A command's clock, started with the process, and a maker of its parts' clocks (each started when first
+    used): the wall clock, or with TICK_ENV set a TickClock shared by all of them."""
+    tick = os.environ.get(TICK_ENV)
+    if not tick:
+        return Clock.since_process_start(), Clock
+    ticker = TickClock(float(tick))
+    return Clock(ticker.now, ticker.now()), lambda: Clock(ticker.now)
+
+
 class Deadline:
     """For loops without a schedule (constant rate) that run until a time: called after each step, True once one more
     step, as long as the last one took, would end past `deadline` (a time of `clock`)."""
@@ -213,9 +240,11 @@ class Filler:
         if self.plans > 1 or total - step >= MIN_STEPS:
             return None
         need = self.spent() + self.cost(step, step + MIN_STEPS) + EXIT_SECONDS
-        return TrainingError(f"--time {self.text} is too short for {model}: {self.setup_seconds:.1f} s went to "
-                             f"loading and planning and a step takes {1000 * self.step_seconds:,.1f} ms; "
-                             f"{MIN_STEPS} steps and the final evaluation need about {math.ceil(need)} s")
+        error = TrainingError(f"--time {self.text} is too short for {model}: {self.setup_seconds:.1f} s went to "
+                              f"loading and planning and a step takes {1000 * self.step_seconds:,.1f} ms; "
+                              f"{MIN_STEPS} steps and the final evaluation need about {math.ceil(need)} s")
+        error.needed_seconds = math.ceil(need)  # what `auto` scales up to the whole budget it would need
+        return error
 
     def record(self, total: int) -> dict[str, Any]:
         """What config.yaml keeps of the budget (time_plan)."""
