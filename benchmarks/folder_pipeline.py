@@ -40,6 +40,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 from make_photo_folder import PHONE_SIZE, PHOTO_SIZE, make_photo_folder  # noqa: E402  (beside this script)
+from process_tree import tree_rss  # noqa: E402
 
 IMAGE_SIZE = 64
 PLAIN = r'''
@@ -72,33 +73,6 @@ for epoch in range(epochs):
             correct += (model(x.contiguous(memory_format=torch.channels_last)).argmax(1) == y).sum().item()
 print(json.dumps({"test_acc": correct / len(val)}))
 '''
-
-
-def tree_rss(root: int) -> int:
-    """Bytes resident in process `root` and all its descendants, summed (shared pages counted in each process).
-
-    Read from /proc/PID/statm (the kernel's counters): smaps_rollup's proportional sizes walk each process's page
-    tables under its memory-map lock, which slowed the timed run by 30% even at 4 samples a second."""
-    page = os.sysconf("SC_PAGE_SIZE")
-    parents: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            parents.setdefault(ppid, []).append(int(entry))
-    total, todo = 0, [root]
-    while todo:
-        pid = todo.pop()
-        todo.extend(parents.get(pid, []))
-        try:
-            with open(f"/proc/{pid}/statm") as f:
-                total += int(f.read().split()[1]) * page
-        except (OSError, IndexError, ValueError):
-            pass
-    return total
 
 
 SAMPLE_S = 0.1

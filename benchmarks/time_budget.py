@@ -72,12 +72,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", help="root of MNIST and Fashion-MNIST")
     parser.add_argument("--folder", help="a photo folder with train/ and val/ (benchmarks/make_photo_folder.py)")
+    parser.add_argument("--work", help="keep the runs here (default: a temporary folder); benchmarks/auto.py "
+                                       "--default-run takes WORK/folder-default")
     parser.add_argument("--only", nargs="+", choices=("mnist-cnn", "mnist-reference", "fashion-subset", "folder"))
     args = parser.parse_args()
     data = ["--data-dir", args.data_dir] if args.data_dir else []
     results = []
     with tempfile.TemporaryDirectory() as tmp_name:
-        tmp = Path(tmp_name)
+        tmp = Path(args.work or tmp_name)
         chosen = set(args.only or ("mnist-cnn", "mnist-reference", "fashion-subset", "folder" if args.folder else ""))
         if "mnist-reference" in chosen:
             results.append(with_and_without(["--recipe", "reference", *data], "20s", 30, tmp, "mnist-reference"))
