@@ -33,9 +33,12 @@ def auto_run(tmp_path_factory, mnist):
     base = tmp_path_factory.mktemp("auto")
     folder = digits_folder(base / "digits", mnist)
     out = base / "out"
-    ticking = {TICK_ENV: "0.02"}  # the budget counts clock readings: the same run on any machine
+    system_tmp = base / "tmp"  # where temporary files would go: auto keeps its own inside --out
+    system_tmp.mkdir()
+    ticking = {TICK_ENV: "0.02", "TMPDIR": str(system_tmp)}  # the budget counts clock readings, not seconds
     killed = run_cli("auto", str(folder), "--time", "40s", "--out", str(out), env={**ticking, STOP_AFTER_ENV: "search"})
     resumed = run_cli("auto", "--resume", str(out), "--json", env=ticking)
+    assert not list(system_tmp.iterdir()) and not (out / ".tmp").exists()
     return folder, out, killed, resumed
 
 

@@ -54,13 +54,26 @@ def scored(name, acc):
 
 def test_a_built_in_sets_default_stays_unless_clearly_beaten():
     config = cfg.TrainConfig(data="mnist", time="1m")
-    close = _decide(config, [scored("linear", 0.90), scored("cnn", 0.90 + CLEAR_MARGIN / 2)], 60, 10, 900, 100, 10)
+    close = _decide(config, [scored("linear", 0.90), scored("cnn", 0.90 + CLEAR_MARGIN / 2)], 60, 10, 900, 100, 10, 40)
     assert close.winner == "linear" and "under the 1 that would replace it" in close.reason
-    clear = _decide(config, [scored("linear", 0.90), scored("cnn", 0.95)], 60, 10, 900, 100, 10)
+    clear = _decide(config, [scored("linear", 0.90), scored("cnn", 0.95)], 60, 10, 900, 100, 10, 40)
     assert clear.winner == "cnn" and "5.0 points ahead of the next" in clear.reason
     folder = _decide(cfg.TrainConfig(data="/some/folder", time="1m"),
-                     [scored("cnn", 0.90), scored("fashion_cnn", 0.905)], 60, 10, 900, 100, 10)
+                     [scored("cnn", 0.90), scored("fashion_cnn", 0.905)], 60, 10, 900, 100, 10, 40)
     assert folder.winner == "fashion_cnn"
+
+
+def test_where_no_trial_fitted_the_candidate_needing_least_wins_if_the_budget_left_gives_it_that():
+    config = cfg.TrainConfig(data="/some/folder", time="2m")
+    short = [Candidate("cnn@64", "scratch", "cnn", 64, needed_seconds=17, note="--time 9.0s is too short for cnn"),
+             Candidate("efficientnet_lite0 full@112", "full", "efficientnet_lite0", 112, needed_seconds=45,
+                       note="--time 9.0s is too short for efficientnet_lite0")]
+    plan = _decide(config, short, 120, 36, 2700, 300, 10, 70)
+    assert plan.winner == "cnn@64" and plan.reason == ("no trial fitted its part of the search; it needs the least "
+                                                       "time to train (17 s measured), and 70 s are left")
+    with pytest.raises(TrainingError, match=r"too short for any candidate: cnn@64: --time 9\.0s is too short for "
+                                            r"cnn; .*; the least needing, cnn@64, needs about 17 s and 12 s are left"):
+        _decide(config, short, 120, 36, 2700, 300, 10, 12)
 
 
 def test_candidates_fit_the_data(mnist_small, mnist_jpeg_folder):

@@ -3,12 +3,14 @@
 The candidates that fit the data (the scratch cnn at the images' size class, fashion_cnn for small images, the data
 set's own default, EfficientNet-Lite0 as a linear probe on cached features and fine-tuned with LoRA or in full at
 112 px, prototypes on its features for a handful of images per class) each get a short trial in an ordinary Optuna
-study: trained by `train`/`finetune`/`fewshot` themselves with `--time` set to an equal share of the search's
-budget, on all but a seeded, stratified part of the *training* images, and scored on that part (the test set plays
+study: trained by `train`/`finetune`/`fewshot` themselves with `--time` set to an equal part of what the search
+has left (a trial that stops early leaves its time to the next; the cheap ones go first), on all but a seeded, stratified part of the *training* images, and scored on that part (the test set plays
 no part). A trial's own timed steps give the candidate's samples per second, hence the steps it could take in the
 rest of the budget; its memory plan gives its peak memory. Optuna's successive-halving pruner stops a trial whose
 validation accuracy at an epoch end falls behind the earlier trials'. The best validation accuracy wins; on a
-built-in data set its default model stays unless another candidate beats it by CLEAR_MARGIN.
+built-in data set its default model stays unless another candidate beats it by CLEAR_MARGIN. Where no trial fitted
+its part (a short budget on a slow machine), the candidate whose trial measured the least time to train at all wins,
+if the rest of the budget gives it that.
 
 The plan (candidates, speed, memory, steps in the budget, trial accuracy, the winner and why) is one JSON file,
 `plan.json`, in the run directory; `auto` writes the same format.
@@ -127,6 +129,13 @@ def _mb(value: int | None) -> str:
     return "-" if value is None else f"{value / 2 ** 20:,.0f} MB"
 
 
+def search_side(width: int) -> int | None:
+    """The side a folder of images `width` wide is decoded at for a search: the largest any candidate trains at,
+    or None (their own) where they are smaller. Decoded once, small: a 500x375 photo folder held at its own size
+    took 2.3 GB, a minute to decode and seconds per trial to copy, for candidates that train at 64-112 px."""
+    return PRETRAINED_SIDE if width > PRETRAINED_SIDE else None
+
+
 def candidates_for(config: cfg.TrainConfig, bundle: DataBundle) -> list[Candidate]:
     """The candidates that fit the data: its size, channels and images per class."""
     side = min(bundle.image_size) if isinstance(bundle.image_size, (tuple, list)) else bundle.image_size
@@ -167,16 +176,22 @@ def choose_model(config: cfg.TrainConfig, clock: budget.Clock, *, bundle: DataBu
 
     seconds = cfg.parse_duration(config.time)
     clock.start = clock.now() if clock.start is None else clock.start
-    bundle = bundle or load_data(config.data, config.data_dir, subset=config.subset, seed=config.seed,
-                                 image_size=config.image_size, val_fraction=config.val_fraction)
+    if bundle is None:
+        image_size = config.image_size
+        if image_size is None and config.data not in BUILTIN_DATASETS:
+            from .data.folder import infer_image_format, scan_image_folder
+
+            image_size = search_side(infer_image_format(scan_image_folder(config.data)[0])[1][1])
+        bundle = load_data(config.data, config.data_dir, subset=config.subset, seed=config.seed,
+                           image_size=image_size, val_fraction=config.val_fraction, progress=progress)
     split = holdout_split(bundle, config.val_fraction, config.seed)
     found = candidates or candidates_for(config, bundle)
-    share = (seconds * SEARCH_SHARE if search_seconds is None else search_seconds) / len(found)
+    total = seconds * SEARCH_SHARE if search_seconds is None else search_seconds
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failed trial is a row of the table, not a traceback
     study = optuna.create_study(direction="maximize", storage=storage, study_name=study_name,
                                 load_if_exists=storage is not None,
                                 pruner=optuna.pruners.SuccessiveHalvingPruner(min_resource=1))
-    search = {"data": config.data, "seed": config.seed, "share_seconds": round(share, 3)}
+    search = {"data": config.data, "seed": config.seed, "search_seconds": round(total, 3)}
     left = _reuse_finished(study, found, search)
     for candidate in left:
         study.enqueue_trial({"candidate": candidate.name})
@@ -186,6 +201,10 @@ def choose_model(config: cfg.TrainConfig, clock: budget.Clock, *, bundle: DataBu
 
     def objective(trial: Any) -> float:
         candidate = by_name[trial.suggest_categorical("candidate", names)]
+        # An equal part of what the search has left: a trial that stops early (too short, pruned) leaves its time
+        # to the candidates after it.
+        untried = sum(c.val_acc is None and not c.note for c in found)
+        share = max(total - (clock.now() - started), 0.0) / max(untried, 1)
         try:
             return _trial(candidate, config, split, share, trial, trial_clock(), progress)
         finally:
@@ -200,7 +219,7 @@ def choose_model(config: cfg.TrainConfig, clock: budget.Clock, *, bundle: DataBu
         if c.samples_per_second:
             c.steps_in_budget = math.floor(left_seconds * c.samples_per_second / _batch(c, config))
     return _decide(config, found, seconds, search_seconds, len(split.train.labels), len(split.test.labels),
-                   len(bundle.classes))
+                   len(bundle.classes), left_seconds)
 
 
 def _reuse_finished(study: Any, found: list[Candidate], search: dict[str, Any]) -> list[Candidate]:
@@ -286,6 +305,22 @@ def _time_plan(out: Path) -> dict[str, Any] | None:
     return yaml.safe_load(path.read_text()).get("time_plan") if path.is_file() else None
 
 
+def _least_needing(config: cfg.TrainConfig, found: list[Candidate], seconds: float, search: float, n_train: int,
+                   n_val: int, classes: int, left: float) -> TimePlan:
+    """No trial fitted its part of the search: the candidate whose trial measured the least time to train at all
+    wins, where the rest of the budget gives it that; else the too-short error with what it would need."""
+    measured = [c for c in found if c.needed_seconds]
+    if not measured or min(c.needed_seconds for c in measured) > left:
+        need = f"; the least needing, {min(measured, key=lambda c: c.needed_seconds).name}, needs about " \
+               f"{min(c.needed_seconds for c in measured):.0f} s and {max(left, 0):.0f} s are left" if measured else ""
+        raise TrainingError(f"--time {config.time} is too short for any candidate: " + "; ".join(
+            f"{c.name}: {c.note or 'failed'}" for c in found) + need)
+    best = min(measured, key=lambda c: c.needed_seconds)
+    reason = (f"no trial fitted its part of the search; it needs the least time to train ({best.needed_seconds:.0f} "
+              f"s measured), and {left:.0f} s are left")
+    return TimePlan(config.time, seconds, config.data, n_train, n_val, classes, search, found, best.name, reason)
+
+
 def _prototypes(candidate: Candidate, config: cfg.TrainConfig, split: DataBundle, out: Path) -> dict[str, Any]:
     """Prototypes from the training part's images (all of them: a handful per class), scored on the held-out part."""
     from .fewshot.command import fewshot
@@ -298,11 +333,10 @@ def _prototypes(candidate: Candidate, config: cfg.TrainConfig, split: DataBundle
 
 
 def _decide(config: cfg.TrainConfig, found: list[Candidate], seconds: float, search: float, n_train: int,
-            n_val: int, classes: int) -> TimePlan:
+            n_val: int, classes: int, left: float) -> TimePlan:
     tried = [c for c in found if c.val_acc is not None]
     if not tried:
-        raise TrainingError(f"--time {config.time} is too short for any candidate: " + "; ".join(
-            f"{c.name}: {c.note or 'failed'}" for c in found))
+        return _least_needing(config, found, seconds, search, n_train, n_val, classes, left)
     best = max(tried, key=lambda c: c.val_acc)
     default = found[0] if config.data in BUILTIN_DATASETS else None
     if default is not None and default.val_acc is not None and best is not default and \

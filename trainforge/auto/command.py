@@ -17,7 +17,9 @@ one clock that starts with the process:
   deploy  ONNX export (fp32, parity-checked on the held-out part); int8 static quantization kept only if it loses
           at most 0.5 points of held-out accuracy and agrees with fp32 on 98% of the images; batch-1 latency
           (p50/p99) and best-batch throughput of the deployed file, on the CPU and on CUDA where present.
-  report  report.html: accuracy, confusion matrix, worst images, the plan against the actual time, the candidates.
+  report  report.html: accuracy, per-class precision and recall with 95% intervals, confusion matrix, worst
+          images, calibration (a temperature fitted on the validation part, kept if it lowers the held-out
+          calibration error), the plan against the actual time, the candidates.
 
 --out DIR (default runs/<timestamp>) then holds: run/ (the winner's run directory), model-int8.onnx or
 model-fp32.onnx (the one deployed), plan.json, split.json, study.db, search/ (the trials' runs), report.html and
@@ -36,7 +38,12 @@ Examples:
 from __future__ import annotations
 
 import argparse
-from typing import Any
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
 
 from .. import config as cfg
 from ..errors import ConfigError
@@ -67,8 +74,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from pathlib import Path
-
     from .. import runs
 
     clock, part_clock = budget.command_clocks()
@@ -82,7 +87,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if record.values["finished"]:
             say(f"{out}: this run finished; nothing to resume")
         else:
-            run_stages(record, options, progress=not (args.quiet or args.json), say=say, part_clock=part_clock)
+            with temporaries_in(out):
+                run_stages(record, options, progress=not (args.quiet or args.json), say=say, part_clock=part_clock)
     finally:
         lock.release()
     values = record.values
@@ -90,6 +96,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print(_summary(values))
         print(values["serve_command"])
     return values
+
+
+@contextlib.contextmanager
+def temporaries_in(out: Path) -> Iterator[None]:
+    """Temporary files (the export's, ONNX Runtime's quantizer's, the latency probes') go to OUT/.tmp, removed at the
+    end, so that nothing is written outside --out but the caches; for this process and the ones it starts."""
+    scratch = out / ".tmp"
+    scratch.mkdir(exist_ok=True)
+    before = tempfile.tempdir, os.environ.get("TMPDIR")
+    tempfile.tempdir, os.environ["TMPDIR"] = str(scratch), str(scratch)
+    try:
+        yield
+    finally:
+        tempfile.tempdir = before[0]
+        if before[1] is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = before[1]
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _options(args: argparse.Namespace) -> AutoOptions:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import runs
-from ..choose import PRETRAINED_SIDE
+from ..choose import search_side
 from ..data import BUILTIN_DATASETS, DataBundle, ImageSet, load_data
 from ..errors import DataError
 
@@ -18,9 +18,6 @@ SPLIT_FILE = "split.json"
 # about 30 images per class (report.stats), and a fifth of a small folder comes nearer that than a tenth, while
 # four fifths still train.
 HELDOUT_FRACTION = 0.2
-# A folder is decoded at no more than this side: the largest any candidate trains at, so that a folder of photos is
-# decoded once, small, not resized in every step of every trial.
-DECODE_SIDE = PRETRAINED_SIDE
 # Unreadable files named in the one-line error (the rest are counted).
 NAMED_FILES = 3
 
@@ -84,7 +81,7 @@ def _folder(data: str, seed: int, exclude: frozenset[Path], skipped: list[str], 
     train_files, held_files, classes = folder_splits(data, HELDOUT_FRACTION, seed, exclude)
     _check_classes(data, train_files, classes)
     _, (_, width) = infer_image_format(train_files)
-    image_size = DECODE_SIDE if width > DECODE_SIDE else None
+    image_size = search_side(width)
     bundle = load_data(data, seed=seed, val_fraction=HELDOUT_FRACTION, image_size=image_size,
                        memory_budget=memory_budget, progress=progress, exclude=exclude)
     root = Path(data)
