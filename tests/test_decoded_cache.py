@@ -260,3 +260,11 @@ def test_a_bad_file_is_named_and_nothing_is_cached(cache, folder):
     with pytest.raises(DataError, match=f"^{bad}: "):
         load_data(str(folder), image_size=SIZE)
     assert entry_files(cache) == []
+
+
+def test_the_decode_estimate_leaves_the_processes_start_up_out():
+    from trainforge.data.folder import _decode_estimate
+
+    # 2 processes, 125 chunks: 0.5 s to the third chunk's end, of which one round (2 chunks) took 0.05 s.
+    assert _decode_estimate(0.5, 0.05, 3, 125, 2) == pytest.approx(0.5 + 0.05 * 61)
+    assert _decode_estimate(0.1, 0.0, 2, 2, 2) == pytest.approx(0.1)  # a single round: what it took

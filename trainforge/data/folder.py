@@ -199,16 +199,19 @@ def decode_into(paths: Sequence[pathlib.Path], size: tuple[int, int], channels: 
     workers = min(workers or len(os.sched_getaffinity(0)), len(chunks))
     _JOB = (list(paths), size, channels, out)
     bar = Bar(progress and bool(paths), "decode", len(paths), fields=("rate",), clock="remaining")
-    done, errors = 0, []
+    done, errors, finished, first = 0, [], 0, 0.0
     try:
         for (start, stop), chunk_errors in _decoded_chunks(chunks, workers):
             errors.extend(chunk_errors)
             if errors:
                 break
-            if not done:  # the first chunk took about what each round of `workers` chunks will
-                rounds = math.ceil(len(chunks) / workers)
+            finished += 1
+            now = time.perf_counter()
+            first = first or now
+            if finished == min(workers + 1, len(chunks)):
                 bar.print(f"decoding {len(paths):,} images to {size[1]}x{size[0]}x{channels} in {workers} "
-                          f"process{'es' if workers > 1 else ''}: about {rounds * (time.perf_counter() - started):.0f} s")
+                          f"process{'es' if workers > 1 else ''}: about "
+                          f"{_decode_estimate(now - started, now - first, finished, len(chunks), workers):.0f} s")
             done += stop - start
             bar.update(completed=done, rate=f"{done / (time.perf_counter() - started):,.0f} images/s")
     finally:
@@ -217,6 +220,14 @@ def decode_into(paths: Sequence[pathlib.Path], size: tuple[int, int], channels: 
     if errors:
         raise DataError(min(errors)[1])
     return time.perf_counter() - started
+
+
+def _decode_estimate(elapsed: float, round_seconds: float, finished: int, chunks: int, workers: int) -> float:
+    """Seconds a decode will take in all, `finished` of its `chunks` done in `elapsed`: from the first chunk's end
+    to the (workers+1)-th's, one round of `workers` chunks was decoded (the processes' start-up is not in it)."""
+    if finished <= workers:  # too few chunks for a round: as long again for each round
+        return elapsed * math.ceil(chunks / workers)
+    return elapsed + round_seconds * math.ceil((chunks - finished) / workers)
 
 
 def _decoded_chunks(chunks: list[tuple[int, int]], workers: int) -> Iterator[tuple[tuple[int, int], list]]:
