@@ -188,3 +188,18 @@ def test_a_budget_too_small_says_what_it_would_need(tmp_path, mnist):
     line = bad(tmp_path, str(folder), "--time", "2s", "--quiet")  # the plan printed before the search is progress
     assert line.startswith("trainforge auto: error: --time 2s is too short")
     assert "auto needs about --time" in line or "none could start training" in line
+
+
+def test_the_plan_names_where_the_heldout_part_comes_from():
+    from types import SimpleNamespace
+
+    from trainforge.auto.pipeline import plan_text
+
+    record = SimpleNamespace(values={"budget": "5m"}, seconds=300.0)
+    for kind, fraction, said in (("val/", None, "the folder's own val/"),
+                                 ("stratified", 0.2, "a seeded (0) stratified 20%"),
+                                 ("built-in", 0.2, "a seeded (0) stratified 20% of the training images")):
+        manifest = {"data": "d", "kind": kind, "seed": 0, "fraction": fraction, "train_images": 3000,
+                    "heldout_images": 1000}
+        text = plan_text(record, SimpleNamespace(manifest=manifest, skipped=[], image_size=112), [])
+        assert f"1,000 held out ({said})" in text, text

@@ -199,8 +199,8 @@ def _plan(record: Record, options: AutoOptions, progress: bool, say: Any) -> tup
 
 def plan_text(record: Record, split: inputs.Split, found: list[Candidate]) -> str:
     m = split.manifest
-    held = {"val/": "the folder's own val/", "stratified": f"a seeded ({m['seed']}) stratified {m['fraction']:.0%}",
-            "built-in": f"a seeded ({m['seed']}) stratified {m['fraction']:.0%} of the training images"}[m["kind"]]
+    held = "the folder's own val/" if m["kind"] == "val/" else f"a seeded ({m['seed']}) stratified {m['fraction']:.0%}" \
+        + (" of the training images" if m["kind"] == "built-in" else "")
     lines = [f"auto plan for {m['data']} in {record.values['budget']} ({record.seconds:.0f} s, the whole process):",
              f"  split: {m['train_images']:,} images train and are searched on; {m['heldout_images']:,} held out "
              f"({held}), untouched until the winner is trained (split.json)"]
