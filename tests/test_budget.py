@@ -75,6 +75,7 @@ def test_the_budget_is_filled_and_the_schedule_ends_with_it(tmp_path, mnist_smal
     plan = saved["time_plan"]
     assert saved["time"] == "10s" and plan["steps"] == result.steps and plan["step_seconds"] == pytest.approx(STEP)
     assert saved["epochs"] == pytest.approx(result.steps / 20)  # 2,000 images in batches of 100
+    assert plan["max_steps"] == recipes.MAX_SCALED_EPOCHS * 20  # fewer images than the recipes': the epoch cap holds
 
 
 def test_a_machine_that_slows_down_shortens_the_rest_of_the_schedule(tmp_path, mnist_small):
@@ -136,6 +137,21 @@ def test_the_final_evaluation_is_costed_from_a_timed_one():
     # evaluation of 1,000 images, 7.3 s for 146 more steps.
     assert filler.eval_image_seconds == pytest.approx(0.001)
     assert 155 <= filler.plan(10) <= 156
+
+
+def test_a_small_set_is_filled_up_to_the_scaled_recipes_epoch_cap_and_no_further():
+    def filler(cap):
+        fake = FakeClock()
+        made = budget.Filler("10s", budget.Clock(fake.now, 0.0), steps_per_epoch=2, batch_size=100, eval_images=10,
+                             final_eval_images=10, max_steps=cap)
+        for step in range(11):
+            made.timed(step)
+            fake.t += STEP
+        return made
+    assert filler(None).plan(10) > 100  # the budget holds ~170 steps
+    capped = filler(100)
+    assert capped.plan(10) == 100 and "ending before the budget: at most 50 epochs" in capped.describe(100)
+    assert filler(5).plan(10) == 11  # a cap already passed: one more step, so the schedule can finish
 
 
 def test_a_stretched_schedule_goes_on_from_where_it_was():

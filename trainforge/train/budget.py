@@ -118,12 +118,13 @@ class Filler:
     many steps in all end the run at the budget."""
 
     def __init__(self, text: str, clock: Clock, *, steps_per_epoch: int, batch_size: int, eval_images: int,
-                 final_eval_images: int, spent_before: float = 0.0):
+                 final_eval_images: int, spent_before: float = 0.0, max_steps: int | None = None):
         self.text, self.seconds = text, cfg.parse_duration(text)
         self.clock = clock
         if clock.start is None:
             clock.start = clock.now()
         self.spent_before = spent_before  # what earlier processes of this run spent (--resume)
+        self.max_steps = max_steps  # a cap the budget is not filled past (see train.loop._filler)
         self.steps_per_epoch, self.batch_size = steps_per_epoch, batch_size
         self.eval_images, self.final_eval_images = eval_images, final_eval_images
         self.last: tuple[int, float] | None = None  # the last synchronized (step, time), None during an epoch end
@@ -212,7 +213,7 @@ class Filler:
         while lo < hi:  # the most steps whose cost fits what is left (the cost grows with the steps)
             mid = (lo + hi + 1) // 2
             lo, hi = (mid, hi) if self.cost(step, mid) <= left else (lo, mid - 1)
-        return lo
+        return lo if self.max_steps is None else max(step + 1, min(lo, self.max_steps))
 
     def _eval_image_seconds(self) -> float:
         if self.eval_image_seconds is not None:
@@ -251,6 +252,7 @@ class Filler:
         return {"budget": self.text, "budget_seconds": self.seconds, "setup_seconds": _round(self.setup_seconds),
                 "step_seconds": _round(self.step_seconds, 6), "eval_image_seconds": _round(self.eval_image_seconds, 8),
                 "steps": total, "epochs": round(total / self.steps_per_epoch, 4), "plans": self.plans,
+                "max_steps": self.max_steps,
                 "spent_before": _round(self.spent_before)}
 
     def describe(self, total: int) -> str:
@@ -258,7 +260,9 @@ class Filler:
         return (f"time budget {self.text}: {self.setup_seconds:.1f} s to start; a step takes "
                 f"{1000 * self.step_seconds:,.2f} ms, the final evaluation about "
                 f"{per_image * self.final_eval_images:.1f} s -> {total:,} steps "
-                f"({total / self.steps_per_epoch:.4g} epochs) ending at the budget, re-estimated as it trains")
+                f"({total / self.steps_per_epoch:.4g} epochs) "
+                + (f"ending before the budget: at most {self.max_steps // self.steps_per_epoch} epochs on a set this "
+                   f"small" if total == self.max_steps else "ending at the budget, re-estimated as it trains"))
 
 
 def _round(value: float | None, digits: int = 3) -> float | None:
