@@ -108,8 +108,8 @@ def deployment_seconds(run_dir: Path, scratch: Path, images: "torch.Tensor", hel
     """Seconds the deployment stage and the report will take for the model of `run_dir` (the winner's trial, the
     same network the final training makes), timed on `clock`: one fp32 export with its parity check on `images`,
     ONNX Runtime's per-image time in batches and at batch 1, scaled to what the stages do with them (the
-    calibration's and the report's passes over the validation and held-out parts, the int8 calibration images
-    and a second export for the int8 graph, the latency calls on each device)."""
+    calibration's and the report's passes over the validation and held-out parts, the int8 calibration images,
+    the time int8 needs left to be tried, the latency calls on each device)."""
     from ..deploy.formats import onnx_predictor, onnx_session
     from ..export import export_run
 
@@ -127,7 +127,8 @@ def deployment_seconds(run_dir: Path, scratch: Path, images: "torch.Tensor", hel
     per_call = (clock.now() - started) / 5
     path.unlink(missing_ok=True)
     passes = per_image * (validation + 3 * heldout + CALIBRATION_IMAGES)  # torch and ONNX Runtime alike
-    deploy = 2 * export_s + passes + len(providers()) * (LATENCY_CALLS + 50) * per_call
+    # The fp32 export, then int8 only with twice its time left (pipeline.SKIP_RULES): three exports' worth.
+    deploy = 3 * export_s + passes + len(providers()) * (LATENCY_CALLS + 50) * per_call
     return {"deploy": ESTIMATE_MARGIN * deploy,
             "report": ESTIMATE_MARGIN * 2 * heldout * per_image + REPORT_FIGURES_S}
 
