@@ -106,6 +106,8 @@ def test_a_temperature_divides_the_logits_of_load_and_of_the_onnx_export(small_c
     out = tmp_path / "model.onnx"
     export_run(run, out, check_images=200)  # its parity check compares with the tempered model
     np.testing.assert_allclose(onnx_predictor(onnx_session(out))(images.numpy()), (plain / 2).numpy(), atol=1e-4)
+    runs.apply_temperature(run, 0.01)  # 100x sharper logits: the parity bound holds on the network's own
+    assert export_run(run, out, check_images=200)["parity"]["top1_agreement"] == 1.0
     runs.apply_temperature(run, 1.0)
     with torch.inference_mode():
         torch.testing.assert_close(trainforge.load(run)(images), plain)
