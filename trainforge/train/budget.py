@@ -261,8 +261,8 @@ class Filler:
                 f"{1000 * self.step_seconds:,.2f} ms, the final evaluation about "
                 f"{per_image * self.final_eval_images:.1f} s -> {total:,} steps "
                 f"({total / self.steps_per_epoch:.4g} epochs) "
-                + (f"ending before the budget: at most {self.max_steps // self.steps_per_epoch} epochs on a set this "
-                   f"small" if total == self.max_steps else "ending at the budget, re-estimated as it trains"))
+                + ("ending before the budget: the most a set this small gets (50 epochs or its recipe's own steps)"
+                   if total == self.max_steps else "ending at the budget, re-estimated as it trains"))
 
 
 def _round(value: float | None, digits: int = 3) -> float | None:

@@ -279,12 +279,17 @@ def setup(config: cfg.TrainConfig, data: DataBundle | None, hooks: Hooks, saved:
 def _filler(config: cfg.TrainConfig, clock: budget.Clock | None, state: TrainState, steps_per_epoch: int,
             test_images: int, train_images: int) -> budget.Filler | None:
     """What plans the steps of a --time run (None without one). On a set smaller than the recipes' own, the budget
-    is filled up to the cap of a scaled recipe's epochs, no further: a linear probe on 2,700 photos' features
-    filled 573 epochs and lost 5 points of held-out accuracy to its 55-epoch trial (RESULTS.md, "auto")."""
+    is filled up to the cap of a scaled recipe's epochs or the recipe's own steps, whichever is more, no further:
+    a linear probe on 2,700 photos' features filled 573 epochs and lost 5 points of held-out accuracy to its
+    55-epoch trial, while 50 epochs of 40 images (50 steps) left a cnn untrained (RESULTS.md, "auto")."""
     if config.time is None:
         return None
     per_epoch = min(config.eval_subset or test_images, test_images)
-    cap = recipes.MAX_SCALED_EPOCHS * steps_per_epoch if train_images < recipes.RECIPE_IMAGES else None
+    cap = None
+    if train_images < recipes.RECIPE_IMAGES:
+        own = (recipes.recipe_value(config.recipe, "epochs") * math.ceil(recipes.RECIPE_IMAGES / config.batch_size)
+               if config.recipe in recipes.RECIPES else 0)
+        cap = max(recipes.MAX_SCALED_EPOCHS * steps_per_epoch, math.ceil(own))
     return budget.Filler(config.time, clock or budget.Clock(), steps_per_epoch=steps_per_epoch,
                          batch_size=config.batch_size, eval_images=per_epoch, final_eval_images=test_images,
                          spent_before=state.budget_spent, max_steps=cap)
