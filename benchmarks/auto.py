@@ -165,7 +165,7 @@ def case_fiveshot(work: Path, scale: float) -> dict:
     budget = seconds("1m", scale)
     row = auto(folder, budget, work / "fiveshot-out")
     few = trainforge("fewshot", "--from", "efficientnet_lite0", "--data", str(folder), "--shots", "5",
-                     "--out", str(work / "fiveshot-fewshot"), "--json")
+                     "--out", str(work / "fiveshot-fewshot"), "--overwrite", "--json")
     plain = trainforge("train", "--data", str(folder), "--out", str(work / "fiveshot-train"), "--overwrite",
                        "--no-tensorboard", "--json")
     accs = {}
