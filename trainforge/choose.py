@@ -39,6 +39,8 @@ SEARCH_SHARE = 0.3
 # On a built-in set the default model (its recipe filled to the budget) stays unless another candidate's validation
 # accuracy is higher by this much: its recipe holds a measured record, a short trial's lead of less is noise.
 CLEAR_MARGIN = 0.01
+# A trial given less than this is not started (its process could not even build the model).
+MIN_TRIAL_SECONDS = 1.0
 # Images per class up to which prototypes on pretrained features are a candidate.
 FEWSHOT_MAX_PER_CLASS = 10
 # The side the scratch cnn trains at on larger images (the "size class" of a photo folder).
@@ -205,6 +207,9 @@ def choose_model(config: cfg.TrainConfig, clock: budget.Clock, *, bundle: DataBu
         # to the candidates after it.
         untried = sum(c.val_acc is None and not c.note for c in found)
         share = max(total - (clock.now() - started), 0.0) / max(untried, 1)
+        if share < MIN_TRIAL_SECONDS:
+            candidate.note = f"not tried: {share:.1f} s of the search left for it"
+            raise TrainingError(candidate.note)
         try:
             return _trial(candidate, config, split, share, trial, trial_clock(), progress)
         finally:
