@@ -144,3 +144,28 @@ def wait_for(predicate, what: str, timeout: float = 60) -> None:
 # repository's root. The test process keeps its own copy of the marker (mutmut's process-local state).
 if os.environ.get("MUTANT_UNDER_TEST") == "stats":
     del os.environ["MUTANT_UNDER_TEST"]
+
+
+def digits_folder(root: Path, mnist, per_class: int = 8) -> Path:
+    """MNIST digits as PNGs, `per_class` of each class: a folder small enough to train in seconds."""
+    mnist_made.write_folder(root, mnist_made.subset(mnist, 10 * per_class, 10, seed=3).train)
+    return root
+
+
+@pytest.fixture(scope="session")
+def auto_run(tmp_path_factory, mnist):
+    """An auto run killed (SIGKILL) as soon as its search was recorded, then continued with --resume (tests/test_auto.py
+    checks it; tests/test_cli.py resumes the finished run as auto's real invocation)."""
+    from trainforge.auto.pipeline import STOP_AFTER_ENV
+    from trainforge.train.budget import TICK_ENV
+
+    base = tmp_path_factory.mktemp("auto")
+    folder = digits_folder(base / "digits", mnist)
+    out = base / "out"
+    system_tmp = base / "tmp"  # where temporary files would go: auto keeps its own inside --out
+    system_tmp.mkdir()
+    ticking = {TICK_ENV: "0.02", "TMPDIR": str(system_tmp)}  # the budget counts clock readings, not seconds
+    killed = run_cli("auto", str(folder), "--time", "40s", "--out", str(out), env={**ticking, STOP_AFTER_ENV: "search"})
+    resumed = run_cli("auto", "--resume", str(out), "--json", env=ticking)
+    assert not list(system_tmp.iterdir()) and not (out / ".tmp").exists()
+    return folder, out, killed, resumed

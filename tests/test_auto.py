@@ -14,32 +14,10 @@ import torch
 from torchvision.io import write_png
 
 import mnist_made
-from conftest import run_cli
+from conftest import digits_folder, run_cli
 from trainforge.auto import deploy
-from trainforge.auto.pipeline import STOP_AFTER_ENV
 from trainforge.choose import Candidate
 from trainforge.train.budget import TICK_ENV
-
-
-def digits_folder(root: Path, mnist, per_class: int = 8) -> Path:
-    """MNIST digits as PNGs, `per_class` of each class: a folder small enough to train in seconds."""
-    mnist_made.write_folder(root, mnist_made.subset(mnist, 10 * per_class, 10, seed=3).train)
-    return root
-
-
-@pytest.fixture(scope="module")
-def auto_run(tmp_path_factory, mnist):
-    """An auto run killed (SIGKILL) as soon as its search was recorded, then continued with --resume."""
-    base = tmp_path_factory.mktemp("auto")
-    folder = digits_folder(base / "digits", mnist)
-    out = base / "out"
-    system_tmp = base / "tmp"  # where temporary files would go: auto keeps its own inside --out
-    system_tmp.mkdir()
-    ticking = {TICK_ENV: "0.02", "TMPDIR": str(system_tmp)}  # the budget counts clock readings, not seconds
-    killed = run_cli("auto", str(folder), "--time", "40s", "--out", str(out), env={**ticking, STOP_AFTER_ENV: "search"})
-    resumed = run_cli("auto", "--resume", str(out), "--json", env=ticking)
-    assert not list(system_tmp.iterdir()) and not (out / ".tmp").exists()
-    return folder, out, killed, resumed
 
 
 def test_a_run_killed_after_its_search_resumes_and_writes_every_file(auto_run):

@@ -189,9 +189,10 @@ def test_datasets_reports_where_each_set_is_read_from(tmp_path):
     assert fashion["verified"] is False and "checksum mismatch" in fashion["problem"]
 
 
-def _verb_invocations(tmp_path, trained_run, small_cnn_run, image) -> dict:
+def _verb_invocations(tmp_path, trained_run, small_cnn_run, image, auto_out) -> dict:
     """One real, quick command line per verb (without the verb), each meant to exit 0 with a JSON result."""
     return {
+        "auto": ["--resume", str(auto_out)],  # the finished run of tests/test_auto.py: its record, no new work
         "train": ["--model", "linear", "--subset", "500", "--epochs", "1", "--out", str(tmp_path / "t"),
                   "--no-tensorboard"],
         "eval": [str(trained_run)],
@@ -215,13 +216,13 @@ def _verb_invocations(tmp_path, trained_run, small_cnn_run, image) -> dict:
     }
 
 
-def test_every_verb_has_help_and_runs(tmp_path, trained_run, small_cnn_run, mnist, capsys, monkeypatch):
+def test_every_verb_has_help_and_runs(tmp_path, trained_run, small_cnn_run, mnist, capsys, monkeypatch, auto_run):
     """Every verb of cli.VERBS, whoever added it: its --help, and one real invocation (serve: a live server)."""
     from conftest import start_server
 
     image = tmp_path / "seven.png"
     write_png(mnist.test.images[0], str(image))
-    invocations = _verb_invocations(tmp_path, trained_run, small_cnn_run, image)
+    invocations = _verb_invocations(tmp_path, trained_run, small_cnn_run, image, auto_run[1])
     monkeypatch.setenv("TRAINFORGE_CACHE", str(tmp_path / "cache"))  # bench measures this machine into it
     for verb in cli.VERBS:
         with pytest.raises(SystemExit) as exited:
