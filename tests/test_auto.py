@@ -13,7 +13,6 @@ import pytest
 import torch
 from torchvision.io import write_png
 
-import mnist_made
 from conftest import digits_folder, run_cli
 from trainforge.auto import deploy
 from trainforge.choose import Candidate

@@ -6,13 +6,12 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 import yaml
 
 import trainforge
 from trainforge import cli, runs
 from trainforge import config as cfg
-from trainforge.errors import ConfigError, TrainingError
+from trainforge.errors import TrainingError
 from trainforge.train import Hooks, budget, recipes
 from trainforge.train.loop import Schedule, cross_entropy
 
