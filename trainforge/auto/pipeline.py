@@ -292,7 +292,7 @@ def _reserve(record: Record, out: Path, plan: TimePlan, split: inputs.Split) -> 
     """Seconds the deployment and the report will need, from the winner's trial model (same network, same
     images): at least their shares of the budget, more where its measured export and inference say so."""
     trial = trial_dir(out / TRIALS_DIR, plan.winning())
-    if not (trial / runs.MODEL_INFO).is_file():  # a trial reused from a shared --storage: no model here
+    if not (trial / runs.SUMMARY_FILE).is_file():  # no finished trial model (too short, or from a shared --storage)
         return {n: SHARES[n] * record.seconds for n in ("deploy", "report")}
     validation = round(cfg.TrainConfig().val_fraction * len(split.search.train.labels))  # calibrate()'s part
     need = deploy.deployment_seconds(trial, out, deploy.training_images(split.search, 64), len(split.heldout.labels),
