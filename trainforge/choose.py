@@ -178,14 +178,7 @@ def choose_model(config: cfg.TrainConfig, clock: budget.Clock, *, bundle: DataBu
 
     seconds = cfg.parse_duration(config.time)
     clock.start = clock.now() if clock.start is None else clock.start
-    if bundle is None:
-        image_size = config.image_size
-        if image_size is None and config.data not in BUILTIN_DATASETS:
-            from .data.folder import infer_image_format, scan_image_folder
-
-            image_size = search_side(infer_image_format(scan_image_folder(config.data)[0])[1][1])
-        bundle = load_data(config.data, config.data_dir, subset=config.subset, seed=config.seed,
-                           image_size=image_size, val_fraction=config.val_fraction, progress=progress)
+    bundle = bundle or _search_bundle(config, progress)
     split = holdout_split(bundle, config.val_fraction, config.seed)
     found = candidates or candidates_for(config, bundle)
     total = seconds * SEARCH_SHARE if search_seconds is None else search_seconds
@@ -225,6 +218,17 @@ def choose_model(config: cfg.TrainConfig, clock: budget.Clock, *, bundle: DataBu
             c.steps_in_budget = math.floor(left_seconds * c.samples_per_second / _batch(c, config))
     return _decide(config, found, seconds, search_seconds, len(split.train.labels), len(split.test.labels),
                    len(bundle.classes), left_seconds)
+
+
+def _search_bundle(config: cfg.TrainConfig, progress: bool) -> DataBundle:
+    """`config.data` loaded for the search: a folder at search_side of its images' width unless --image-size says."""
+    image_size = config.image_size
+    if image_size is None and config.data not in BUILTIN_DATASETS:
+        from .data.folder import infer_image_format, scan_image_folder
+
+        image_size = search_side(infer_image_format(scan_image_folder(config.data)[0])[1][1])
+    return load_data(config.data, config.data_dir, subset=config.subset, seed=config.seed, image_size=image_size,
+                     val_fraction=config.val_fraction, progress=progress)
 
 
 def _reuse_finished(study: Any, found: list[Candidate], search: dict[str, Any]) -> list[Candidate]:
