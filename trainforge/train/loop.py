@@ -235,7 +235,7 @@ def setup(config: cfg.TrainConfig, data: DataBundle | None, hooks: Hooks, saved:
         notes.append(note)
     if scale_epochs:
         config, note = recipes.scale_to_data(config, len(bundle.train.labels))
-        notes.append(note)
+        notes += [note] if note else []
     if progress and rank == 0:
         print("\n".join(notes), file=sys.stderr)
     # The tolerance keeps epochs recorded as steps / steps per epoch (a time budget's) at exactly those steps.
