@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -83,6 +84,20 @@ def test_ceiling_rate_is_the_best_block_on_given_timings(monkeypatch):
     assert calls[0] == 2 + probe.BLOCKS * reps
     monkeypatch.setattr(probe, "_best_rate", lambda fn, device, seconds: 50.0)
     assert probe.measure_matmul(torch.device("cpu"), "fp32", size=64) == 2 * 64 ** 3 * 50.0
+
+
+def test_matmul_side_shrinks_only_where_a_full_size_call_would_not_fit_a_block(monkeypatch):
+    # Calls cost c * side^3 seconds; a block holds seconds / BLOCKS = 0.1 s.
+    cpu = torch.device("cpu")
+    for rate, side in ((5e-11, 1024), (1e-9, 256), (1e-6, 128)):
+        monkeypatch.setattr(probe, "_call_seconds", lambda fn, device, c=rate: c * fn.side ** 3)
+        monkeypatch.setattr(probe, "_matmul_call", lambda device, dtype, n: SimpleNamespace(side=n))
+        assert probe.matmul_size(cpu, "bf16", seconds=0.5) == side, rate
+
+    def unsupported(device, dtype, n):
+        raise RuntimeError("addmm not implemented for 'BFloat16'")
+    monkeypatch.setattr(probe, "_matmul_call", unsupported)
+    assert probe.matmul_size(cpu, "bf16") is None
 
 
 def test_flop_count_of_linear_is_the_hand_count_and_leaves_the_model_alone():

@@ -20,6 +20,9 @@ from .cpuinfo import read_cpuinfo
 # Matrix sides of the matmul ceiling: big enough that the kernel, not the call overhead, sets the rate (a 1024 fp32
 # matmul is 2 GFLOP, ~50 ms on two CPU cores; an 8192 one is 1.1 TFLOP, ~1 ms in bf16 on an H100-class GPU).
 MATMUL_SIZE = {"cpu": 1024, "cuda": 8192, "mps": 4096}
+# A dtype without a fast path (bf16 on a CPU without AVX512-BF16: ~1 GFLOP/s, 2 s per 1024 matmul) is measured on
+# the largest side, down to this one, whose call fits one timed block: the full side took 15 s of `hw --measure`.
+MIN_MATMUL_SIZE = 128
 # Bytes of each side of the bandwidth copies: far beyond any cache, yet a small share of device memory.
 COPY_BYTES = {"cpu": 256 * 2 ** 20, "cuda": 2 ** 30, "mps": 256 * 2 ** 20}
 HOST_COPY_BYTES = 256 * 2 ** 20
@@ -158,9 +161,10 @@ def measure_all(progress: bool = False, seconds: float = SECONDS_PER_FIGURE) -> 
 
 def measure_device(device: torch.device, seconds: float = SECONDS_PER_FIGURE) -> dict[str, Any]:
     """Matmul FLOP/s per dtype, on-device copy bandwidth and (CUDA) host<->device bandwidth of one device."""
+    sizes = {dtype: matmul_size(device, dtype, seconds) for dtype in matmul_dtypes(device)}
     result: dict[str, Any] = {
-        "matmul_size": MATMUL_SIZE[device.type],
-        "matmul_flops": {dtype: _matmul_or_none(device, dtype, seconds) for dtype in matmul_dtypes(device)},
+        "matmul_size": sizes,
+        "matmul_flops": {dtype: _matmul_or_none(device, dtype, n, seconds) for dtype, n in sizes.items()},
         "memory_bandwidth": measure_copy_bandwidth(device, seconds=seconds),
     }
     if device.type == "cuda":
@@ -171,29 +175,61 @@ def measure_device(device: torch.device, seconds: float = SECONDS_PER_FIGURE) ->
     return result
 
 
-def _matmul_or_none(device: torch.device, dtype: str, seconds: float) -> float | None:
+def _matmul_or_none(device: torch.device, dtype: str, size: int | None, seconds: float) -> float | None:
     try:
-        return measure_matmul(device, dtype, seconds=seconds)
+        return None if size is None else measure_matmul(device, dtype, size, seconds)
     except RuntimeError:
         # Older backends lack some dtypes (bf16 on MPS before macOS 14): no ceiling rather than no report.
         return None
+
+
+def matmul_size(device: torch.device, dtype: str, seconds: float = SECONDS_PER_FIGURE) -> int | None:
+    """The side measure_matmul uses for `dtype`: MATMUL_SIZE, or the largest power-of-two fraction of it whose call
+    fits one timed block. Sides grow from MIN_MATMUL_SIZE while the next one's call, at most 8x this one's, fits (a
+    small call's rate is never above a large one's); None where `dtype` does not run on `device`."""
+    n = MIN_MATMUL_SIZE
+    try:
+        while n < MATMUL_SIZE[device.type] and 8 * _call_seconds(_matmul_call(device, dtype, n), device) <= \
+                seconds / BLOCKS:
+            n *= 2
+    except RuntimeError:
+        return None
+    return n
 
 
 def measure_matmul(device: torch.device, dtype: str, size: int | None = None,
                    seconds: float = SECONDS_PER_FIGURE) -> float:
     """FLOP/s of a square `size` matmul (2*size^3 FLOPs) in `dtype` (fp32, tf32, bf16, fp16)."""
     n = size or MATMUL_SIZE[device.type]
+    return 2.0 * n ** 3 * _best_rate(_matmul_call(device, dtype, n), device, seconds)
+
+
+def _matmul_call(device: torch.device, dtype: str, n: int) -> Callable[[], Any]:
+    """One `n`-sided matmul in `dtype`, TF32 allowed only for 'tf32' (and restored after each call)."""
     torch_dtype = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16,
                    "fp16": torch.float16}[dtype]
     a = torch.randn(n, n, device=device, dtype=torch_dtype)
     b = torch.randn(n, n, device=device, dtype=torch_dtype)
     out = torch.empty(n, n, device=device, dtype=torch_dtype)
-    tf32_before = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = dtype == "tf32"
-    try:
-        return 2.0 * n ** 3 * _best_rate(lambda: torch.matmul(a, b, out=out), device, seconds)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = tf32_before
+
+    def call() -> None:
+        tf32_before = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = dtype == "tf32"
+        try:
+            torch.matmul(a, b, out=out)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = tf32_before
+    return call
+
+
+def _call_seconds(fn: Callable[[], Any], device: torch.device) -> float:
+    """Seconds of one call of `fn` after a warm-up call."""
+    fn()
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return max(time.perf_counter() - start, 1e-7)
 
 
 def measure_copy_bandwidth(device: torch.device, nbytes: int | None = None,
@@ -219,12 +255,7 @@ def measure_host_bandwidth(device: torch.device, direction: str, pinned: bool,
 
 def _best_rate(fn: Callable[[], Any], device: torch.device, seconds: float) -> float:
     """Calls of `fn` per second in the fastest of BLOCKS timed blocks, after a warm-up call."""
-    fn()
-    synchronize(device)
-    start = time.perf_counter()
-    fn()
-    synchronize(device)
-    one = max(time.perf_counter() - start, 1e-7)
+    one = _call_seconds(fn, device)
     reps = max(1, int(seconds / BLOCKS / one))
     per_call = []
     for _ in range(BLOCKS):
