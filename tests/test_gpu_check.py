@@ -23,9 +23,10 @@ FEATURE_STEPS = {"batch_auto_cnn": "batch_size_auto", "batch_auto_resnet18_224":
 
 
 # Steps the dry run leaves to other tests: the two recipe races (tests/test_speed.py runs their scripts end to end)
-# resnet18's --batch-size auto (the cnn's step takes the same path to the same summary) and the measured model choice
+# resnet18's --batch-size auto (the cnn's step takes the same path to the same summary), its bench on the GPU (on a
+# CPU the same command as the CPU row's), `train --nproc` (tests/test_distributed.py) and the measured model choice
 # (a minute of trials; tests/test_choose.py runs that path, test_time_choice_summary below its summary).
-ELSEWHERE = ("speedrun", "reference", "batch_auto_resnet18_224", "time_choice")
+ELSEWHERE = ("speedrun", "reference", "batch_auto_resnet18_224", "bench_resnet18_224", "nccl", "time_choice")
 
 
 def test_the_plan_holds_every_step():
@@ -48,14 +49,14 @@ def test_dry_run_runs_the_steps_and_writes_the_json_and_the_table(tmp_path):
         else:
             assert step["status"] == gpu_check.OK and step["summary"], step
             assert not step["summary"].startswith("(no summary"), step
-    assert steps["bench_resnet18_224"]["result"]["image_size"] == 16  # --image-size reached bench
-    assert steps["serve"]["result"]["errors_ok"] and steps["nccl"]["result"]["world_size"] == 2
+    assert steps["bench_resnet18_224_cpu"]["result"]["image_size"] == 16  # --image-size reached bench
+    assert steps["serve"]["result"]["errors_ok"]
     assert steps["export"]["result"]["parity"]["top1_agreement"] >= 0.999
     assert "CPUExecutionProvider" in steps["onnxruntime"]["result"]["results"]
     table = (tmp_path / "gpu_results.md").read_text()
     assert table.startswith("### GPU proof: `python benchmarks/gpu_check.py --dry-run`") and "Dry run:" in table
     assert all(f"| {step['title']} | {step['status']} |" in table for step in report["steps"])
-    assert "| bench_resnet18_224 | cpu | 32 | 8 |" in table
+    assert "| bench_resnet18_224_cpu | cpu | 32 | 8 |" in table
     log = (tmp_path / "gpu_check.log").read_text()
     assert all(f"=== {name}: " in log for name, s in steps.items() if s["seconds"] is not None)
 
