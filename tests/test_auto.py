@@ -14,6 +14,7 @@ import torch
 from torchvision.io import write_png
 
 from conftest import digits_folder, run_cli
+from trainforge import cli
 from trainforge.auto import deploy
 from trainforge.choose import Candidate
 from trainforge.train.budget import TICK_ENV
@@ -119,12 +120,20 @@ def test_max_latency_drops_the_candidates_slower_than_it():
     assert len(kept) == 2 and not dropped
 
 
-def bad(tmp_path, *args):
-    result = run_cli("auto", "--time", "1m", *args, "--out", str(tmp_path / "out"), env={TICK_ENV: "0.02"})
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, lines
-    return lines[0]
+@pytest.fixture
+def bad(tmp_path, capsys, monkeypatch):
+    """`trainforge auto --time 1m ARGS` run in this process (a mistake stops it before training): its one stderr
+    line, after checking the exit status is 2."""
+    monkeypatch.setenv(TICK_ENV, "0.02")
+
+    def run(*args: str) -> str:
+        status = cli.main(["auto", "--time", "1m", *args, "--out", str(tmp_path / "out")])
+        err = capsys.readouterr().err
+        assert status == 2, err
+        lines = err.strip().splitlines()
+        assert len(lines) == 1, lines
+        return lines[0]
+    return run
 
 
 def png(path: Path) -> None:
@@ -132,26 +141,26 @@ def png(path: Path) -> None:
     write_png(torch.zeros(1, 8, 8, dtype=torch.uint8), str(path))
 
 
-def test_bad_input_is_one_line_and_status_2(tmp_path):
+def test_bad_input_is_one_line_and_status_2(tmp_path, bad):
     (tmp_path / "empty").mkdir()
-    assert "no class folders" in bad(tmp_path, str(tmp_path / "empty"))
+    assert "no class folders" in bad(str(tmp_path / "empty"))
     for i in range(4):
         png(tmp_path / "one" / "a" / f"{i}.png")
-    assert "one class (a); a classifier needs at least 2 class folders" in bad(tmp_path, str(tmp_path / "one"))
+    assert "one class (a); a classifier needs at least 2 class folders" in bad(str(tmp_path / "one"))
     for c, n in (("a", 4), ("b", 2)):
         for i in range(n):
             png(tmp_path / "small" / c / f"{i}.png")
     assert "class 'b' has 1 training image(s) after the held-out part; every class needs at least 2" in \
-        bad(tmp_path, str(tmp_path / "small"))
-    assert "--time expects a positive number" in bad(tmp_path, str(tmp_path / "small"), "--time", "5 minutes")
+        bad(str(tmp_path / "small"))
+    assert "--time expects a positive number" in bad(str(tmp_path / "small"), "--time", "5 minutes")
     assert not (tmp_path / "out" / "auto.json").exists()
 
 
-def test_unreadable_images_are_named_and_skipped_only_when_asked(tmp_path, mnist):
+def test_unreadable_images_are_named_and_skipped_only_when_asked(tmp_path, mnist, bad):
     folder = digits_folder(tmp_path / "digits", mnist, per_class=4)
     broken = next(next(folder.iterdir()).iterdir())
     broken.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
-    line = bad(tmp_path, str(folder))
+    line = bad(str(folder))
     assert f"1 unreadable image(s): {broken}" in line and "--skip-bad-images" in line
     from trainforge.auto.inputs import split_data
 
@@ -160,9 +169,9 @@ def test_unreadable_images_are_named_and_skipped_only_when_asked(tmp_path, mnist
     assert split.manifest["train_images"] + split.manifest["heldout_images"] == 39
 
 
-def test_a_budget_too_small_says_what_it_would_need(tmp_path, mnist):
+def test_a_budget_too_small_says_what_it_would_need(tmp_path, mnist, bad):
     folder = digits_folder(tmp_path / "digits", mnist, per_class=4)
-    line = bad(tmp_path, str(folder), "--time", "2s", "--quiet")  # the plan printed before the search is progress
+    line = bad(str(folder), "--time", "2s", "--quiet")  # the plan printed before the search is progress
     assert line.startswith("trainforge auto: error: --time 2s is too short")
     assert "auto needs about --time" in line or "none could start training" in line
 
