@@ -98,6 +98,19 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300, env: dict
                           timeout=timeout, cwd=cwd, env=full_env)
 
 
+def run_main(capsys, *args: str) -> subprocess.CompletedProcess:
+    """`trainforge ARGS` in this process (cli.main), shaped as run_cli's result: for commands that end in a second or
+    two, where an interpreter of their own would cost more than the command."""
+    from trainforge import cli
+
+    try:
+        status = cli.main(list(args))
+    except SystemExit as exc:  # --help
+        status = exc.code
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(["trainforge", *args], status, out, err)
+
+
 def load_benchmark(name: str) -> ModuleType:
     """The script benchmarks/NAME.py as a module, for tests of its functions."""
     spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torchvision.io import encode_jpeg, write_png
 
-from conftest import run_cli
+from conftest import run_cli, run_main
 from trainforge import cli
 from trainforge.data.sources import EMBEDDED_ROOT
 
@@ -127,51 +127,53 @@ def test_bad_command_lines_are_one_line_errors_with_status_2(capsys):
         "trainforge train: error: argument --epochs: expected a number, got 'many'; see trainforge train --help"]
 
 
-def test_predict_names_unreadable_images(trained_run, tmp_path):
+def test_predict_names_unreadable_images(trained_run, tmp_path, capsys):
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not an image")
-    result = run_cli("predict", str(trained_run), str(bad))
+    result = run_main(capsys, "predict", str(trained_run), str(bad))
     assert result.returncode == 2 and f"{bad}: not an image in a supported format" in result.stderr
     wrong = tmp_path / "wrong.npy"
     np.save(wrong, np.zeros((2, 2, 2, 2)))
-    result = run_cli("predict", str(trained_run), str(wrong))
+    result = run_main(capsys, "predict", str(trained_run), str(wrong))
     assert result.returncode == 2 and "expected an image array" in result.stderr
 
 
-def test_help_explains_every_verb():
-    result = run_cli("--help")
+def test_help_explains_every_verb(capsys):
+    result = run_main(capsys, "--help")
     assert result.returncode == 0
     for verb, (_, help_text) in cli.VERBS.items():
         assert verb in result.stdout and help_text[:30] in " ".join(result.stdout.split()), verb
-    train_help = run_cli("train", "--help").stdout
+    train_help = run_main(capsys, "train", "--help").stdout
     assert "--recipe" in train_help and "--target-acc" in train_help and "Examples" in train_help
 
 
-def test_models_lists_the_registry():
-    result = run_cli("models", "--json")
+def test_models_lists_the_registry(capsys):
+    result = run_main(capsys, "models", "--json")
     names = [m["name"] for m in last_json(result.stdout)["models"]]
     assert {"linear", "mlp", "cnn", "resnet18", "vgg16"} <= set(names)
 
 
-def test_large_image_inputs_are_resized_by_the_model(trained_run, tmp_path):
+def test_large_image_inputs_are_resized_by_the_model(trained_run, tmp_path, capsys):
     big = tmp_path / "big.png"
     write_png(torch.zeros(1, 56, 56, dtype=torch.uint8), str(big))
-    result = run_cli("predict", str(trained_run), str(big), "--json", "--top-k", "3")
+    result = run_main(capsys, "predict", str(trained_run), str(big), "--json", "--top-k", "3")
     assert result.returncode == 0, result.stderr
     assert len(last_json(result.stdout)[0]["top"]) == 3
 
 
-def test_datasets_reports_where_each_set_is_read_from(tmp_path):
+def test_datasets_reports_where_each_set_is_read_from(tmp_path, capsys, monkeypatch):
     # No explicit root and an empty home: MNIST comes from the package, verified; Fashion-MNIST from the system
     # data sets if this machine has them, else it is reported missing with the apt package to install.
-    result = run_cli("datasets", "--json", env={"TRAINFORGE_DATA": "", "HOME": str(tmp_path)})
+    monkeypatch.setenv("TRAINFORGE_DATA", "")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    result = run_main(capsys, "datasets", "--json")
     assert result.returncode == 0, result.stderr
     rows = {row["name"]: row for row in last_json(result.stdout)["datasets"]}
     assert rows["mnist"]["source"] == "embedded" and rows["mnist"]["verified"] is True
     fashion = rows["fashion-mnist"]
     assert fashion["source"] in (None, "system")
     assert fashion["verified"] is True or "apt-get install dataset-fashion-mnist" in fashion["problem"]
-    explicit = run_cli("datasets", "--json", "--no-verify", "--data-dir", str(tmp_path / "none"))
+    explicit = run_main(capsys, "datasets", "--json", "--no-verify", "--data-dir", str(tmp_path / "none"))
     rows = last_json(explicit.stdout)["datasets"]
     assert [row["available"] for row in rows] == [False, False] and str(tmp_path / "none") in rows[0]["problem"]
     # An explicit root with MNIST, and MNIST's files under Fashion-MNIST's name: found there, and refused by
@@ -181,7 +183,7 @@ def test_datasets_reports_where_each_set_is_read_from(tmp_path):
         (root / name).mkdir(parents=True)
         for file in (EMBEDDED_ROOT / "mnist").iterdir():
             (root / name / file.name).symlink_to(file)
-    result = run_cli("datasets", "--json", "--data-dir", str(root))
+    result = run_main(capsys, "datasets", "--json", "--data-dir", str(root))
     mnist, fashion = last_json(result.stdout)["datasets"]
     assert (mnist["name"], mnist["source"], mnist["verified"]) == ("mnist", "explicit", True)
     assert (fashion["name"], fashion["source"], fashion["folder"]) == ("fashion-mnist", "explicit",

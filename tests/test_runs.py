@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli, wait_for
+from conftest import run_cli, run_main, wait_for
 
 from trainforge import runs
 from trainforge.errors import CheckpointError, ConfigError
@@ -177,16 +177,16 @@ def test_load_run_data_splits_the_data_as_the_run_did(holdout_run, mnist):
     assert not any(bytes(x.numpy()) in trained for x in data.val.images)
 
 
-def test_eval_split_val_reproduces_the_validation_accuracy_the_run_reported(holdout_run, trained_run):
+def test_eval_split_val_reproduces_the_validation_accuracy_the_run_reported(holdout_run, trained_run, capsys):
     summary = json.loads((holdout_run / "summary.json").read_text())
-    val = run_cli("eval", str(holdout_run), "--split", "val", "--json")
+    val = run_main(capsys, "eval", str(holdout_run), "--split", "val", "--json")
     assert val.returncode == 0, val.stderr
     result = json.loads(val.stdout.splitlines()[-1])
     assert (result["split"], result["test_samples"]) == ("val", 100)
     assert result["test_acc"] == summary["test_acc"]
-    test = json.loads(run_cli("eval", str(holdout_run), "--json").stdout.splitlines()[-1])
+    test = json.loads(run_main(capsys, "eval", str(holdout_run), "--json").stdout.splitlines()[-1])
     assert (test["split"], test["test_samples"]) == ("test", 10000)
-    refused = run_cli("eval", str(trained_run), "--split", "val")
+    refused = run_main(capsys, "eval", str(trained_run), "--split", "val")
     assert refused.returncode == 2 and "trained without --holdout" in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1
 
@@ -203,11 +203,11 @@ def _start_train(out: Path, delay: float, *extra: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def test_out_on_a_finished_run_refuses_overwrite_replaces_and_config_reruns_elsewhere(holdout_run, tmp_path):
+def test_out_on_a_finished_run_refuses_overwrite_replaces_and_config_reruns_elsewhere(holdout_run, tmp_path, capsys):
     run_dir = tmp_path / "run"
     shutil.copytree(holdout_run, run_dir)
     before = (run_dir / runs.METRICS_FILE).read_text()
-    refused = run_cli(*_train_argv(run_dir, "--seed", "5"))
+    refused = run_main(capsys, *_train_argv(run_dir, "--seed", "5"))
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1
     assert f"--out {run_dir} already holds a run" in refused.stderr and f"--resume {run_dir}" in refused.stderr
     assert (run_dir / runs.METRICS_FILE).read_text() == before
