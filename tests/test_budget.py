@@ -8,6 +8,7 @@ import json
 import pytest
 import yaml
 
+import mnist_made
 import trainforge
 from trainforge import cli, runs
 from trainforge import config as cfg
@@ -85,6 +86,20 @@ def test_a_machine_that_slows_down_shortens_the_rest_of_the_schedule(tmp_path, m
     assert result.steps < 0.75 * (BUDGET - budget.EXIT_SECONDS) / STEP  # re-planned, not run at the first plan
     lr = recipes.recipe_value("reference", "lr")
     assert last_lr(tmp_path / "run") == pytest.approx(lr / 25_000, rel=1e-3)  # annealed to the end, not cut off
+
+
+def test_a_recipe_of_fewer_steps_than_its_first_timing_still_warms_up_and_anneals_in_the_budget(tmp_path, mnist):
+    # 50 images in one batch: the cnn recipe's 1.5 epochs are 2 steps, fewer than the budget times before its first
+    # plan. The schedule must not have run out by then (it stayed at lr/25,000, untrained, until this was fixed).
+    clock = FakeClock(step=5 * STEP)  # about 36 steps: each is an epoch, evaluated and checkpointed
+    out = tmp_path / "run"
+    result = trainforge.train({"model": "cnn", "width": 8, "batch_size": 100, "time": f"{BUDGET:g}s", "out": str(out),
+                               "tensorboard": False}, data=mnist_made.subset(mnist, 50, 100), progress=False,
+                              hooks=Hooks(loss_fn=clock.loss), clock=budget.Clock(clock.now, 0.0))
+    assert result.steps > 30
+    lrs = [row["lr"] for row in runs.read_metrics(out)]
+    peak = recipes.recipe_value("cnn", "lr")
+    assert max(lrs[: result.steps // 2]) > 0.9 * peak and lrs[-1] == pytest.approx(peak / 25_000, rel=1e-3)
 
 
 def test_a_budget_too_small_says_what_it_would_need(tmp_path, mnist_small):

@@ -238,8 +238,7 @@ def setup(config: cfg.TrainConfig, data: DataBundle | None, hooks: Hooks, saved:
         notes += [note] if note else []
     if progress and rank == 0:
         print("\n".join(notes), file=sys.stderr)
-    # The tolerance keeps epochs recorded as steps / steps per epoch (a time budget's) at exactly those steps.
-    total_steps = max(1, math.ceil(config.epochs * len(loader) - 1e-6))
+    total_steps = _first_steps(config, len(loader), len(bundle.train.labels))
     # Counts the FLOPs per sample now, while `model` is still whole (FSDP shards it below).
     monitor = Monitor(model, test_images[:1], device, precision, world_size=world, sample_gpu=rank == 0)
     parts = _step_parts(config, model, hooks, device, precision, world, total_steps)
@@ -278,21 +277,45 @@ def setup(config: cfg.TrainConfig, data: DataBundle | None, hooks: Hooks, saved:
 
 def _filler(config: cfg.TrainConfig, clock: budget.Clock | None, state: TrainState, steps_per_epoch: int,
             test_images: int, train_images: int) -> budget.Filler | None:
-    """What plans the steps of a --time run (None without one). On a set smaller than the recipes' own, the budget
-    is filled up to the cap of a scaled recipe's epochs or the recipe's own steps, whichever is more, no further:
-    a linear probe on 2,700 photos' features filled 573 epochs and lost 5 points of held-out accuracy to its
-    55-epoch trial, while 50 epochs of 40 images (50 steps) left a cnn untrained (RESULTS.md, "auto")."""
+    """What plans the steps of a --time run (None without one), up to _step_cap."""
     if config.time is None:
         return None
     per_epoch = min(config.eval_subset or test_images, test_images)
-    cap = None
-    if train_images < recipes.RECIPE_IMAGES:
-        own = (recipes.recipe_value(config.recipe, "epochs") * math.ceil(recipes.RECIPE_IMAGES / config.batch_size)
-               if config.recipe in recipes.RECIPES else 0)
-        cap = max(recipes.MAX_SCALED_EPOCHS * steps_per_epoch, math.ceil(own))
     return budget.Filler(config.time, clock or budget.Clock(), steps_per_epoch=steps_per_epoch,
                          batch_size=config.batch_size, eval_images=per_epoch, final_eval_images=test_images,
-                         spent_before=state.budget_spent, max_steps=cap)
+                         spent_before=state.budget_spent,
+                         max_steps=_step_cap(config, steps_per_epoch, train_images))
+
+
+def _recipe_steps(config: cfg.TrainConfig) -> int:
+    """The optimizer steps of the run's recipe on the images recipes are tuned on (0 without a recipe)."""
+    if config.recipe not in recipes.RECIPES:
+        return 0
+    epochs = recipes.recipe_value(config.recipe, "epochs")
+    return math.ceil(epochs * math.ceil(recipes.RECIPE_IMAGES / config.batch_size))
+
+
+def _step_cap(config: cfg.TrainConfig, steps_per_epoch: int, train_images: int) -> int | None:
+    """How far a time budget may fill a set smaller than the recipes' own: a scaled recipe's most epochs or the
+    recipe's own steps, whichever is more. A linear probe on 2,700 photos' features filled 573 epochs and lost 5
+    points of held-out accuracy to its 55-epoch trial (RESULTS.md, "auto")."""
+    if train_images >= recipes.RECIPE_IMAGES:
+        return None
+    return max(recipes.MAX_SCALED_EPOCHS * steps_per_epoch, _recipe_steps(config))
+
+
+def _first_steps(config: cfg.TrainConfig, steps_per_epoch: int, train_images: int) -> int:
+    """The schedule's length before anything is timed: the epochs' steps, or under --time at least the recipe's own
+    steps (within _step_cap), so the schedule is still warming up when the budget first plans the run. Planned
+    from 2 steps (1.5 epochs of 50 images), it had annealed to lr/25,000 before the first plan and stayed there:
+    0.52 held-out accuracy against 0.83 for the same steps under --epochs."""
+    # The tolerance keeps epochs recorded as steps / steps per epoch (a time budget's) at exactly those steps.
+    steps = max(1, math.ceil(config.epochs * steps_per_epoch - 1e-6))
+    if config.time is None:
+        return steps
+    guess = _recipe_steps(config)
+    cap = _step_cap(config, steps_per_epoch, train_images)
+    return max(steps, guess if cap is None else min(guess, cap))
 
 
 def _fill(run: Run) -> None:
