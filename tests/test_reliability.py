@@ -14,8 +14,6 @@ import pickle
 import random
 import shutil
 import signal
-import subprocess
-import sys
 import tempfile
 import time
 import urllib.error
@@ -35,6 +33,7 @@ from trainforge.errors import CheckpointError, ConfigError, TrainingError
 from trainforge.train import Hooks
 from trainforge.train.checkpoint import check_state
 
+import forked_cli
 from conftest import REPO
 
 
@@ -97,89 +96,6 @@ WRITE_DELAY = 0.2  # seconds each atomic write holds its temporary file open: th
 # Imports trainforge once, then forks one child per requested run. Each child is a separate process running the CLI's
 # main(), as `python -m trainforge` does, and is killed for real; forking only spares each run the seconds of importing
 # torch. Nothing may run a torch kernel before the fork: a child of a process with OpenMP threads can deadlock.
-FORK_SERVER = r"""
-import json, os, sys
-from trainforge import cli
-cli.build_parser()
-for line in sys.stdin:
-    request = json.loads(line)
-    if "wait" in request:
-        _, status = os.waitpid(request["wait"], 0)
-        print(json.dumps({"code": os.waitstatus_to_exitcode(status)}), flush=True)
-        continue
-    pid = os.fork()
-    if pid == 0:
-        for fd, name in ((1, request["stdout"]), (2, request["stderr"])):
-            os.dup2(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
-        for key, value in request["env"].items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        try:
-            code = cli.main(request["args"])
-        except SystemExit as exc:
-            code = exc.code
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code if isinstance(code, int) else 1)
-    print(json.dumps({"pid": pid}), flush=True)
-"""
-
-
-class ForkServer:
-    """Starts CLI runs as forked child processes (see FORK_SERVER); `start` returns a ForkedRun."""
-
-    def __init__(self, directory: Path):
-        env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-        self.process = subprocess.Popen([sys.executable, "-c", FORK_SERVER], stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, text=True, env=env)
-        self.directory, self.count = directory, 0
-
-    def ask(self, request: dict) -> dict:
-        self.process.stdin.write(json.dumps(request) + "\n")
-        self.process.stdin.flush()
-        line = self.process.stdout.readline()
-        assert line, "the fork server died"
-        return json.loads(line)
-
-    def start(self, *args: str, delay: float | None = None) -> "ForkedRun":
-        self.count += 1
-        out, err = self.directory / f"{self.count}.out", self.directory / f"{self.count}.err"
-        env = {runs.WRITE_DELAY_ENV: str(delay) if delay else None}
-        pid = self.ask({"args": list(args), "env": env, "stdout": str(out), "stderr": str(err)})["pid"]
-        return ForkedRun(self, pid, out, err)
-
-    def close(self) -> None:
-        self.process.stdin.close()
-        self.process.kill()  # nothing left to flush; its children have all been waited for
-        self.process.wait()
-
-
-@dataclasses.dataclass
-class ForkedRun:
-    server: ForkServer
-    pid: int
-    out: Path
-    err: Path
-
-    def alive(self) -> bool:
-        """Running, as opposed to finished (a zombie until `wait` reaps it, so its pid cannot be reused)."""
-        try:
-            stat = Path(f"/proc/{self.pid}/stat").read_text()
-        except FileNotFoundError:
-            return False
-        return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-    def kill(self) -> None:
-        os.kill(self.pid, signal.SIGKILL)
-
-    def wait(self) -> tuple[int, str, str]:
-        """(exit code, negative for a signal; stdout; stderr)."""
-        code = self.server.ask({"wait": self.pid})["code"]
-        return code, self.out.read_text(), self.err.read_text()
-
-
 def temporaries(run: Path, name: str) -> set[str]:
     with contextlib.suppress(FileNotFoundError):
         return {e.name for e in os.scandir(run) if e.name.startswith(f".{name}.") and e.name.endswith(".tmp")}
@@ -212,7 +128,7 @@ class Trigger:
         return bool(temporaries(self.run, self.what) - self.seen[self.what])
 
 
-def kill_when(process: ForkedRun, trigger: Trigger, timeout: float = 180) -> bool:
+def kill_when(process: forked_cli.Forked, trigger: Trigger, timeout: float = 180) -> bool:
     """SIGKILLs `process` once `trigger` fires (plus its random jitter); False if the process ended first."""
     deadline = time.monotonic() + timeout
     while not trigger.fired():
@@ -235,7 +151,7 @@ def checkpoint_step(run: Path) -> int:
 
 @pytest.fixture()
 def fork_server(tmp_path):
-    server = ForkServer(tmp_path)
+    server = forked_cli.Server(tmp_path, REPO)
     yield server
     server.close()
 
@@ -258,7 +174,7 @@ def test_sigkill_at_random_points_then_resume_matches_an_uninterrupted_run(tmp_p
     for number, (what, jitter) in enumerate(plan):
         args = ("train", "--resume", str(run), "--json", "--quiet") if number else (*KILL_ARGS, "--out", str(run))
         trigger = Trigger(run, what, rng, jitter)
-        process = fork_server.start(*args, delay=WRITE_DELAY)
+        process = fork_server.start(*args, env={runs.WRITE_DELAY_ENV: str(WRITE_DELAY)})
         killed = kill_when(process, trigger)
         code, out, err = process.wait()
         context = f"kill seed {seed}, kill {number} ({what}): exit {code}, {err[-2000:]}"
