@@ -30,6 +30,7 @@ the last line).
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import datetime
 import json
@@ -265,10 +266,13 @@ def main() -> None:
             source, note = source_for(row, work)
             records: dict[str, list[dict]] = {arm: [] for arm in ARMS}
             for i in range(runs):
-                for arm in ARMS:
-                    records[arm].append(run_arm(arm, row, source, args, work / f"{name}-{arm}-{i}"))
-                    print(f"{name} {arm} run {i + 1}: {records[arm][-1]['wall_seconds']:.1f} s, "
-                          f"acc {records[arm][-1]['test_acc']:.4f}", file=sys.stderr, flush=True)
+                # --quick proves the script, its times mean nothing: its arms run side by side.
+                with concurrent.futures.ThreadPoolExecutor(max_workers=len(ARMS) if args.quick else 1) as pool:
+                    done = [pool.submit(run_arm, arm, row, source, args, work / f"{name}-{arm}-{i}") for arm in ARMS]
+                    for arm, future in zip(ARMS, done):
+                        records[arm].append(future.result())
+                        print(f"{name} {arm} run {i + 1}: {records[arm][-1]['wall_seconds']:.1f} s, "
+                              f"acc {records[arm][-1]['test_acc']:.4f}", file=sys.stderr, flush=True)
             results += summarize(row, note, records, args.device)
     print(markdown(results, args))
     if args.json:

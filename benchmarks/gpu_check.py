@@ -245,8 +245,10 @@ def plan_other_issues(ctx: Context) -> list[Step]:
 
 def detect_features(ctx: Context) -> dict[str, str | None]:
     """Which features of other issues this version has: name -> None, or why it is not available."""
-    rc, helped, _, _ = execute(tf("train", "--help"), 120, ctx.env)
-    rc_models, models, err, _ = execute(tf("models", "--json"), 120, ctx.env)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:  # two interpreter starts, side by side
+        helping, listing = (pool.submit(execute, tf(*argv), 120, ctx.env) for argv in (("train", "--help"),
+                                                                                      ("models", "--json")))
+        (rc, helped, _, _), (rc_models, models, err, _) = helping.result(), listing.result()
     if rc_models != 0:
         fashion = f"`trainforge models --json` failed: {tail(err)}"
     elif "fashion" in models.lower():
@@ -583,9 +585,11 @@ def main() -> int:
     try:
         with open(args.out / "gpu_check.log", "w") as log:
             probe = Step("environment", "environment", ["-c", ENVIRONMENT_PROBE], 120, summarize_environment)
-            records["environment"] = run_step(probe, ctx, records, start + args.budget, log)
+            with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:  # beside the probe: nothing measured
+                features = pool.submit(detect_features, ctx)
+                records["environment"] = run_step(probe, ctx, records, start + args.budget, log)
+                ctx.features = features.result()
             ctx.gpus = (records["environment"]["result"] or {}).get("gpus", 0)
-            ctx.features = detect_features(ctx)
             steps = plan(ctx)
             unknown = set(args.only or []) - {s.name for s in steps}
             if unknown:

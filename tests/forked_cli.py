@@ -1,8 +1,9 @@
 """`trainforge` commands run as children forked from a server that has imported trainforge once.
 
-A fresh interpreter spends about 2.5 s importing torch before the command starts; the suite runs about a hundred
-commands. The server imports and builds the parser, nothing else: forking a process that has run torch's threaded
-kernels can deadlock the child. Each child takes the caller's whole environment, working directory and argv, and
+A fresh interpreter spends about 2.5 s importing torch before the command starts, and a training 2.5 s more
+importing torch._dynamo when it makes its optimizer; the suite runs about a hundred commands. The server imports
+those and builds the parser, nothing else: forking a process that has run torch's threaded kernels can deadlock the
+child. Each child takes the caller's whole environment, working directory and argv, and
 leaves as the `trainforge` command does, its exit handlers run.
 """
 
@@ -18,6 +19,7 @@ from pathlib import Path
 
 SERVER = r"""
 import atexit, json, os, signal, sys, tempfile, time
+import torch._dynamo  # what every optimizer's construction imports first: 2.5 s
 from trainforge import cli
 cli.build_parser()
 

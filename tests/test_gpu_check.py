@@ -23,10 +23,12 @@ FEATURE_STEPS = {"batch_auto_cnn": "batch_size_auto", "batch_auto_resnet18_224":
 
 
 # Steps the dry run leaves to other tests: the two recipe races (tests/test_speed.py runs their scripts end to end)
-# resnet18's --batch-size auto (the cnn's step takes the same path to the same summary), its bench on the GPU (on a
-# CPU the same command as the CPU row's), `train --nproc` (tests/test_distributed.py) and the measured model choice
-# (a minute of trials; tests/test_choose.py runs that path, test_time_choice_summary below its summary).
-ELSEWHERE = ("speedrun", "reference", "batch_auto_resnet18_224", "bench_resnet18_224", "nccl", "time_choice")
+# resnet18's --batch-size auto (the cnn's step takes the same path to the same summary), the linear and cnn benches
+# (tests/test_bench.py runs bench; resnet18's CPU row takes the same path to the same summary), resnet18's bench on
+# the GPU (on a CPU the same command as the CPU row's), `train --nproc` (tests/test_distributed.py) and the measured
+# model choice (a minute of trials; tests/test_choose.py runs that path, test_time_choice_summary below its summary).
+ELSEWHERE = ("speedrun", "reference", "bench_linear", "bench_cnn", "batch_auto_resnet18_224", "bench_resnet18_224",
+             "nccl", "time_choice")
 
 
 def test_the_plan_holds_every_step():
