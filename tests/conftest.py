@@ -193,7 +193,7 @@ def auto_run(tmp_path_factory, mnist):
     out = base / "out"
     system_tmp = base / "tmp"  # where temporary files would go: auto keeps its own inside --out
     system_tmp.mkdir()
-    ticking = {TICK_ENV: "0.02", "TMPDIR": str(system_tmp)}  # the budget counts clock readings, not seconds
+    ticking = {TICK_ENV: "0.04", "TMPDIR": str(system_tmp)}  # the budget counts clock readings, not seconds
     killed = run_cli("auto", str(folder), "--time", "40s", "--out", str(out), env={**ticking, STOP_AFTER_ENV: "search"})
     resumed = run_cli("auto", "--resume", str(out), "--json", env=ticking)
     assert not list(system_tmp.iterdir()) and not (out / ".tmp").exists()
