@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -164,8 +165,9 @@ def case_fiveshot(work: Path, scale: float) -> dict:
     folder = digits_folder(work / "fiveshot", train_per_class=5)
     budget = seconds("1m", scale)
     row = auto(folder, budget, work / "fiveshot-out")
+    shutil.rmtree(work / "fiveshot-fewshot", ignore_errors=True)  # fewshot has no --overwrite
     few = trainforge("fewshot", "--from", "efficientnet_lite0", "--data", str(folder), "--shots", "5",
-                     "--out", str(work / "fiveshot-fewshot"), "--overwrite", "--json")
+                     "--out", str(work / "fiveshot-fewshot"), "--json")
     plain = trainforge("train", "--data", str(folder), "--out", str(work / "fiveshot-train"), "--overwrite",
                        "--no-tensorboard", "--json")
     accs = {}
