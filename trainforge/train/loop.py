@@ -228,14 +228,7 @@ def setup(config: cfg.TrainConfig, data: DataBundle | None, hooks: Hooks, saved:
     config, memory_plan, notes = _plan(config, bundle, model, device, precision, world, budget)
     loader = make_train_loader(bundle, config.batch_size, device=device, seed=config.seed, augment=config.augment,
                                workers=config.workers, rank=rank, world_size=world)
-    if config.lr == "auto":
-        from .lr_range import auto_lr
-
-        config, note = auto_lr(config, model, loader, device, precision)
-        notes.append(note)
-    if scale_epochs:
-        config, note = recipes.scale_to_data(config, len(bundle.train.labels))
-        notes += [note] if note else []
+    config = _late_choices(config, model, loader, device, precision, len(bundle.train.labels), notes, scale_epochs)
     if progress and rank == 0:
         print("\n".join(notes), file=sys.stderr)
     total_steps = _first_steps(config, len(loader), len(bundle.train.labels))
@@ -245,11 +238,7 @@ def setup(config: cfg.TrainConfig, data: DataBundle | None, hooks: Hooks, saved:
     parts.accumulate = memory_plan.accumulate
     run_dir, lock = _claim_run_dir(config, info, rank, resuming)
     try:
-        state = TrainState()
-        if saved is not None:
-            checkpoint.restore(saved, model, parts.optimizer, parts.scheduler, parts.scaler, device)
-            state = TrainState(**checkpoint.counters(saved), metrics=list(saved["metrics"]))
-            parts.accumulate = max(parts.accumulate, state.accumulate)
+        state = _restore(saved, model, parts, device)
         if state.total_steps:
             total_steps = state.total_steps
         if config.compile:
@@ -273,6 +262,32 @@ def setup(config: cfg.TrainConfig, data: DataBundle | None, hooks: Hooks, saved:
         if lock is not None:
             lock.release()
         raise
+
+
+def _late_choices(config: cfg.TrainConfig, model: nn.Module, loader: Any, device: torch.device, precision: str,
+                  n_train: int, notes: list[str], scale_epochs: bool) -> cfg.TrainConfig:
+    """The choices made once the loader exists: --lr auto (a range test on it) and a recipe's epochs scaled to the
+    data, each adding its line to `notes`."""
+    if config.lr == "auto":
+        from .lr_range import auto_lr
+
+        config, note = auto_lr(config, model, loader, device, precision)
+        notes.append(note)
+    if scale_epochs:
+        config, note = recipes.scale_to_data(config, n_train)
+        notes += [note] if note else []
+    return config
+
+
+def _restore(saved: dict[str, Any] | None, model: nn.Module, parts: StepParts, device: torch.device) -> TrainState:
+    """A fresh state, or (resuming) the saved counters and metrics, the optimizer and schedule restored into
+    `parts`."""
+    if saved is None:
+        return TrainState()
+    checkpoint.restore(saved, model, parts.optimizer, parts.scheduler, parts.scaler, device)
+    state = TrainState(**checkpoint.counters(saved), metrics=list(saved["metrics"]))
+    parts.accumulate = max(parts.accumulate, state.accumulate)
+    return state
 
 
 def _filler(config: cfg.TrainConfig, clock: budget.Clock | None, state: TrainState, steps_per_epoch: int,
