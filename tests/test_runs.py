@@ -622,3 +622,16 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_a_temperature_is_recorded_in_model_json_and_a_bad_one_leaves_it_alone(trained_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    before = runs.read_model_info(run)
+    assert before.temperature == 1.0
+    assert runs.apply_temperature(run, 2.5) == runs.read_model_info(run) == dataclasses.replace(before, temperature=2.5)
+    for bad in (0, -1.0, float("nan"), float("inf"), True, "2"):
+        with pytest.raises(ConfigError, match="temperature must be a finite number > 0"):
+            runs.apply_temperature(run, bad)
+    assert runs.read_model_info(run).temperature == 2.5
+    assert runs.apply_temperature(run, 1).temperature == 1.0  # undone
