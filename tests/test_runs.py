@@ -89,6 +89,7 @@ GOOD = dict(model="linear", num_classes=2, classes=["a", "b"], in_channels=1, im
     (dict(temperature=0), "field 'temperature' is 0, expected a finite number > 0"),
     (dict(temperature=float("inf")), "field 'temperature' is inf, expected a finite number > 0"),
     (dict(temperature="2"), "field 'temperature' is 2, expected a finite number > 0"),
+    (dict(temperature="9" * 50), f"field 'temperature' is {'9' * 40}, expected a finite number > 0"),  # cut at 40
 ])
 def test_hostile_model_descriptions_name_the_field(holdout_run, tmp_path, change, why):
     run_dir = tmp_path / "run"
