@@ -4,12 +4,13 @@ dtype, memory and host<->device bandwidth), for `hw`, `bench`, `report` and trai
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import platform
 import socket
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -189,9 +190,10 @@ def matmul_size(device: torch.device, dtype: str, seconds: float = SECONDS_PER_F
     small call's rate is never above a large one's); None where `dtype` does not run on `device`."""
     n = MIN_MATMUL_SIZE
     try:
-        while n < MATMUL_SIZE[device.type] and 8 * _call_seconds(_matmul_call(device, dtype, n), device) <= \
-                seconds / BLOCKS:
-            n *= 2
+        with _tf32(dtype):
+            while n < MATMUL_SIZE[device.type] and 8 * _call_seconds(_matmul_call(device, dtype, n), device) <= \
+                    seconds / BLOCKS:
+                n *= 2
     except RuntimeError:
         return None
     return n
@@ -201,25 +203,29 @@ def measure_matmul(device: torch.device, dtype: str, size: int | None = None,
                    seconds: float = SECONDS_PER_FIGURE) -> float:
     """FLOP/s of a square `size` matmul (2*size^3 FLOPs) in `dtype` (fp32, tf32, bf16, fp16)."""
     n = size or MATMUL_SIZE[device.type]
-    return 2.0 * n ** 3 * _best_rate(_matmul_call(device, dtype, n), device, seconds)
+    with _tf32(dtype):
+        return 2.0 * n ** 3 * _best_rate(_matmul_call(device, dtype, n), device, seconds)
 
 
 def _matmul_call(device: torch.device, dtype: str, n: int) -> Callable[[], Any]:
-    """One `n`-sided matmul in `dtype`, TF32 allowed only for 'tf32' (and restored after each call)."""
+    """One `n`-sided matmul in `dtype`, into a preallocated output."""
     torch_dtype = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16,
                    "fp16": torch.float16}[dtype]
     a = torch.randn(n, n, device=device, dtype=torch_dtype)
     b = torch.randn(n, n, device=device, dtype=torch_dtype)
     out = torch.empty(n, n, device=device, dtype=torch_dtype)
+    return lambda: torch.matmul(a, b, out=out)
 
-    def call() -> None:
-        tf32_before = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = dtype == "tf32"
-        try:
-            torch.matmul(a, b, out=out)
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = tf32_before
-    return call
+
+@contextlib.contextmanager
+def _tf32(dtype: str) -> Iterator[None]:
+    """TF32 matmuls allowed only while measuring 'tf32', set once around the timed calls rather than in them."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = dtype == "tf32"
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
 
 
 def _call_seconds(fn: Callable[[], Any], device: torch.device) -> float:
