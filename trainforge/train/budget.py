@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 from .. import config as cfg
 from ..errors import ConfigError, TrainingError
+from . import recipes
 
 # Steps timed, and the least time they take, before the first plan: the first step of a run (allocations, kernel
 # choices) is never among them.
@@ -261,7 +262,8 @@ class Filler:
                 f"{1000 * self.step_seconds:,.2f} ms, the final evaluation about "
                 f"{per_image * self.final_eval_images:.1f} s -> {total:,} steps "
                 f"({total / self.steps_per_epoch:.4g} epochs) "
-                + ("ending before the budget: the most a set this small gets (50 epochs or its recipe's own steps)"
+                + (f"ending before the budget: the most a set this small gets ({recipes.MAX_SCALED_EPOCHS} epochs or its "
+                   "recipe's own steps)"
                    if total == self.max_steps else "ending at the budget, re-estimated as it trains"))
 
 
