@@ -31,6 +31,7 @@ from trainforge import config as cfg
 from trainforge.data import load_data, sources
 from trainforge.errors import CheckpointError, ConfigError, TrainingError
 from trainforge.train import Hooks
+from trainforge.train import checkpoint
 from trainforge.train.checkpoint import check_state
 
 import forked_cli
@@ -516,8 +517,15 @@ def test_truncated_and_corrupt_checkpoints_name_the_file(run_copy, capsys):
 
 
 @pytest.mark.checkpoints
+def test_a_checkpoint_carries_its_format_and_the_runs_config(run_copy):
+    state = runs.safe_torch_load(run_copy / runs.STATE_FILE)
+    assert state["format"] == checkpoint.FORMAT
+    assert cfg.from_dict(cfg.TrainConfig, state["config"]) == cfg.load_file(cfg.TrainConfig, run_copy / runs.CONFIG_FILE)
+
+
+@pytest.mark.checkpoints
 @pytest.mark.parametrize("mutate,why", [
-    (lambda s: [], "expected a mapping"),
+    (lambda s: [], "expected a mapping, found list"),
     (lambda s: {k: v for k, v in s.items() if k != "metrics"}, "'metrics' is missing"),
     (lambda s: {**s, "state": {**s["state"], "epoch": "one"}}, "state 'epoch' is 'one'"),
     (lambda s: {**s, "state": {**s["state"], "step": -5}}, "state 'step' is -5"),

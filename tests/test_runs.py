@@ -61,8 +61,10 @@ def test_a_lock_from_another_host_is_reported_with_how_to_remove_it(tmp_path):
 def test_a_directory_holding_a_run_is_kept_unless_overwrite(tmp_path):
     (tmp_path / runs.CONFIG_FILE).write_text("seed: 5\n")
     (tmp_path / runs.METRICS_FILE).write_text("{}\n")
+    (tmp_path / runs.MODEL_FILE).write_bytes(b"weights")
     (tmp_path / "notes.txt").write_text("mine")
-    with pytest.raises(ConfigError, match=f"already holds a run \\(config.yaml\\); continue it with --resume {tmp_path}"):
+    with pytest.raises(ConfigError, match=f"already holds a run \\(config.yaml, model.safetensors\\); continue it "
+                                          f"with --resume {tmp_path}"):
         runs.prepare_run_dir(tmp_path)
     assert (tmp_path / runs.CONFIG_FILE).read_text() == "seed: 5\n" and not (tmp_path / runs.LOCK_FILE).exists()
     runs.prepare_run_dir(tmp_path, resuming=True).release()
@@ -423,6 +425,30 @@ def test_a_lock_taken_over_holds_only_its_new_holder(tmp_path):
     lock = runs.prepare_run_dir(tmp_path)
     assert json.loads((tmp_path / runs.LOCK_FILE).read_text()) == {"host": socket.gethostname(), "pid": os.getpid()}
     lock.release()
+
+
+def test_a_lock_file_replaced_between_open_and_claim_is_claimed_anew(tmp_path, monkeypatch):
+    # The holder released (and unlinked) the lock file between this process's open and its flock: the inode
+    # claimed is not the one at the path, so the file is closed and opened again.
+    real_inode, seen = runs._inode, []
+
+    def inode(path):
+        seen.append(path)
+        return None if len(seen) == 1 else real_inode(path)
+
+    monkeypatch.setattr(runs, "_inode", inode)
+    lock = runs.prepare_run_dir(tmp_path)
+    assert len(seen) == 2 and json.loads((tmp_path / runs.LOCK_FILE).read_text())["pid"] == os.getpid()
+    lock.release()
+
+
+def test_atomic_writes_make_files_as_the_umask_says(tmp_path):
+    old = os.umask(0o027)
+    try:
+        runs.write_json(tmp_path / "x.json", {"a": 1})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "x.json").stat().st_mode & 0o777 == 0o640
 
 
 def test_prepare_run_dir_names_what_is_wrong_with_out_and_clears_stale_temporaries(tmp_path):
