@@ -13,8 +13,9 @@ Cases:
             the better of `fewshot --shots 5` and `train` on the same folder.
   memory    `auto --time 2m --memory-budget 4G` on the photo folder: the whole process tree's peak RSS (sampled
             from /proc every 0.2 s) stays under 4 GiB.
-  latency   digits again with --max-latency-ms just under the winner's measured batch-1 latency: the pick changes
-            (where the digits' winner is their fastest candidate, which no limit excludes alone: the photo folder).
+  latency   built-in MNIST with --max-latency-ms just under the winner's measured batch-1 latency: the pick changes
+            (then the digits and photo folders, where the winner was their fastest candidate, which no limit
+            excludes alone).
   resume    the photo folder `auto --time 5m`, SIGKILLed once its first trial finished, then `--resume`: the two
             processes' wall times together stay within 5 min + 10%.
 --scale multiplies every budget (0.25: a quick check that the script works, not a measurement).
@@ -58,7 +59,7 @@ def trainforge(*args: str, kill_when: "callable | None" = None) -> dict:
             "rc": proc.returncode, "stdout": out, "stderr": err}
 
 
-def auto(data: Path, budget: str, out: Path, *extra: str, kill_when=None) -> dict:
+def auto(data: Path | str, budget: str, out: Path, *extra: str, kill_when=None) -> dict:
     row = trainforge("auto", str(data), "--time", budget, "--out", str(out), "--overwrite", "--json", *extra,
                      kill_when=kill_when)
     if row["rc"] == 0:
@@ -186,10 +187,12 @@ def case_memory(work: Path, photos: Path, scale: float) -> dict:
 
 
 def case_latency(work: Path, photos: Path | None, scale: float) -> dict:
-    """On the digits folder, else (its winner being its fastest candidate, which no limit can exclude alone) on the
-    photo folder: auto without a binding limit, then with one just under its winner's measured latency."""
+    """On built-in MNIST (whose fastest candidate is its default, the linear model), else on the digits and photo
+    folders (where the winner may be the fastest candidate, which no limit can exclude alone): auto without a binding
+    limit, then with one just under its winner's measured latency."""
     tried = []
-    for name, folder, budget in (("digits", digits_folder(work / "digits"), "2m"), ("photos", photos, "3m")):
+    for name, folder, budget in (("mnist", "mnist", "2m"), ("digits", digits_folder(work / "digits"), "2m"),
+                                 ("photos", photos, "3m")):
         if folder is None:
             continue
         # A limit no candidate reaches: every candidate's latency is measured and recorded, none dropped.

@@ -86,5 +86,7 @@ def test_candidates_fit_the_data(mnist_small, mnist_jpeg_folder):
 
     folder = load_data(str(mnist_jpeg_folder))  # 128 px RGB photos-like, 10 per class
     found = candidates_for(cfg.TrainConfig(data=str(mnist_jpeg_folder)), folder)
-    assert {c.name for c in found} == {"cnn@64", "efficientnet_lite0 linear-probe@112", "efficientnet_lite0 lora@112",
-                                       "efficientnet_lite0 full@112", "efficientnet_lite0 prototypes"}
+    assert {c.name for c in found} == {"cnn@32", "cnn@64", "efficientnet_lite0 linear-probe@112",
+                                       "efficientnet_lite0 lora@112", "efficientnet_lite0 full@112",
+                                       "efficientnet_lite0 prototypes"}
+    assert [(c.name, c.image_size) for c in found][:2] == [("cnn@32", 32), ("cnn@64", 64)]  # the cheaper first

@@ -1,6 +1,6 @@
 """The model chosen by what this machine can do in a time budget: `train --time` without `--model`, and `auto`.
 
-The candidates that fit the data (the scratch cnn at the images' size class, fashion_cnn for small images, the data
+The candidates that fit the data (the scratch cnn at the images' own size up to 64 px and at 32 and 64 px below it, fashion_cnn for small images, the data
 set's own default, EfficientNet-Lite0 as a linear probe on cached features and fine-tuned with LoRA or in full at
 112 px, prototypes on its features for a handful of images per class) each get a short trial in an ordinary Optuna
 study: trained by `train`/`finetune`/`fewshot` themselves with `--time` set to an equal part of what the search
@@ -43,8 +43,10 @@ CLEAR_MARGIN = 0.01
 MIN_TRIAL_SECONDS = 1.0
 # Images per class up to which prototypes on pretrained features are a candidate.
 FEWSHOT_MAX_PER_CLASS = 10
-# The side the scratch cnn trains at on larger images (the "size class" of a photo folder).
-SCRATCH_SIDE = 64
+# The sides the scratch cnn trains at on larger images (the "size classes" of a photo folder), smallest first. At 32
+# px a step costs a quarter of one at 64, so a budget buys four times the epochs: on the benchmark photo folder
+# (Fashion-MNIST upscaled to 500x375) 150 s of training gave 0.870 at 32 px and 0.854 at 64 (RESULTS.md, "auto").
+SCRATCH_SIDES = (32, 64)
 PRETRAINED_SIDE = 112
 
 
@@ -142,8 +144,9 @@ def candidates_for(config: cfg.TrainConfig, bundle: DataBundle) -> list[Candidat
     """The candidates that fit the data: its size, channels and images per class."""
     side = min(bundle.image_size) if isinstance(bundle.image_size, (tuple, list)) else bundle.image_size
     per_class = len(bundle.train.labels) / max(1, len(bundle.classes))
-    scratch_side = None if side <= SCRATCH_SIDE else SCRATCH_SIDE
-    found = [Candidate(f"cnn@{scratch_side or side}", "scratch", "cnn", scratch_side)]
+    found = [Candidate(f"cnn@{s}", "scratch", "cnn", s) for s in SCRATCH_SIDES if s < side]
+    if side <= SCRATCH_SIDES[-1]:
+        found.append(Candidate(f"cnn@{side}", "scratch", "cnn"))
     if side <= 32:
         found.append(Candidate("fashion_cnn", "scratch", "fashion_cnn"))
     default = next(iter(recipes.DATASET_RECIPES.get(config.data, {})), None)
