@@ -1,16 +1,17 @@
 """The model chosen by what this machine can do in a time budget: `train --time` without `--model`, and `auto`.
 
-The candidates that fit the data (the scratch cnn at the images' own size up to 64 px and at 32 and 64 px below it, fashion_cnn for small images, the data
-set's own default, EfficientNet-Lite0 as a linear probe on cached features and fine-tuned with LoRA or in full at
-112 px, prototypes on its features for a handful of images per class) each get a short trial in an ordinary Optuna
-study: trained by `train`/`finetune`/`fewshot` themselves with `--time` set to an equal part of what the search
-has left (a trial that stops early leaves its time to the next; the cheap ones go first), on all but a seeded, stratified part of the *training* images, and scored on that part (the test set plays
-no part). A trial's own timed steps give the candidate's samples per second, hence the steps it could take in the
-rest of the budget; its memory plan gives its peak memory. Optuna's successive-halving pruner stops a trial whose
-validation accuracy at an epoch end falls behind the earlier trials'. The best validation accuracy wins; on a
-built-in data set its default model stays unless another candidate beats it by CLEAR_MARGIN. Where no trial fitted
-its part (a short budget on a slow machine), the candidate whose trial measured the least time to train at all wins,
-if the rest of the budget gives it that.
+The candidates that fit the data (the scratch cnn at the images' own size up to 64 px and at 32 and 64 px for larger
+images, fashion_cnn for small images, the data set's own default, EfficientNet-Lite0 as a linear probe on cached
+features and fine-tuned with LoRA or in full at 112 px, prototypes on its features for a handful of images per class)
+each get a short trial in an ordinary Optuna study: trained by `train`/`finetune`/`fewshot` themselves with `--time`
+set to an equal part of what the search has left (a trial that stops early leaves its time to the next; the cheap ones
+go first), on all but a seeded, stratified part of the *training* images, and scored on that part (the test set plays
+no part). A trial's own timed steps give the candidate's samples per second, hence the steps it could take in the rest
+of the budget; its memory plan gives its peak memory. Optuna's successive-halving pruner stops a trial whose
+validation accuracy at an epoch end falls behind the earlier trials'. The best validation accuracy wins; on a built-in
+data set its default model stays unless another candidate beats it by CLEAR_MARGIN. Where no trial fitted its part (a
+short budget on a slow machine), the candidate whose trial measured the least time to train at all wins, if the rest
+of the budget gives it that.
 
 The plan (candidates, speed, memory, steps in the budget, trial accuracy, the winner and why) is one JSON file,
 `plan.json`, in the run directory; `auto` writes the same format.
