@@ -517,10 +517,16 @@ def test_truncated_and_corrupt_checkpoints_name_the_file(run_copy, capsys):
 
 
 @pytest.mark.checkpoints
-def test_a_checkpoint_carries_its_format_and_the_runs_config(run_copy):
-    state = runs.safe_torch_load(run_copy / runs.STATE_FILE)
-    assert state["format"] == checkpoint.FORMAT
-    assert cfg.from_dict(cfg.TrainConfig, state["config"]) == cfg.load_file(cfg.TrainConfig, run_copy / runs.CONFIG_FILE)
+def test_a_checkpoint_carries_its_format_and_the_runs_config(tmp_path):
+    config = cfg.TrainConfig(out=str(tmp_path), seed=3, epochs=2)
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    counters = dict(epoch=1, step_in_epoch=0, step=4, elapsed=1.5, skips=0, loss_sum=0.0, loss_count=0)
+    checkpoint.Checkpointer(tmp_path, config, enabled=True).save(model, optimizer, scheduler, None, counters, [])
+    state = runs.safe_torch_load(tmp_path / runs.STATE_FILE)
+    check_state(state, tmp_path / runs.STATE_FILE)
+    assert state["format"] == checkpoint.FORMAT and cfg.from_dict(cfg.TrainConfig, state["config"]) == config
 
 
 @pytest.mark.checkpoints
