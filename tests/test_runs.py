@@ -530,9 +530,14 @@ def test_a_refused_pickle_gives_torchs_reason_without_its_boilerplate(tmp_path):
     message = str(info.value)
     assert message.startswith(prefix) and message.endswith(")") and "\n" not in message
     reason = message[len(prefix):-1]
-    assert "posix.system" in reason and 0 < len(reason) <= 200
+    assert "GLOBAL posix.system" in reason and reason == " ".join(reason.split()) and 0 < len(reason) <= 200
     assert not any(boilerplate in reason for boilerplate in ("Weights only load failed", "WeightsUnpickler error",
-                                                             "Check the documentation", "  "))
+                                                             "Check the documentation"))
+    # A global from a module torch does not know: its reason follows "WeightsUnpickler error: ", cut at 200.
+    (tmp_path / "unknown.pt").write_bytes(b"\x80\x02c" + b"m" * 300 + b"\nf\n)R.")
+    with pytest.raises(CheckpointError) as info:
+        runs.safe_torch_load(tmp_path / "unknown.pt")
+    assert str(info.value).endswith(f"could execute code (Unsupported global: GLOBAL {'m' * 173})")
     (tmp_path / "cut.pt").write_bytes((tmp_path / "x.pt").read_bytes()[:300])
     with pytest.raises(CheckpointError) as info:
         runs.safe_torch_load(tmp_path / "cut.pt")

@@ -341,19 +341,25 @@ def safe_torch_load(path: str | os.PathLike) -> Any:
             warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        # torch's message opens with a paragraph about its defaults and ends with one pointing at its documentation;
-        # the reason is in between.
-        paragraphs = [" ".join(p.split()) for p in str(exc).split("\n\n") if p.strip()]
-        reason = " ".join(p for p in paragraphs[1:] if not p.startswith("Check the documentation"))
-        reason = reason.removeprefix("WeightsUnpickler error: ")
+        reason = _refusal_reason(exc)[:200] or type(exc).__name__
         raise CheckpointError(f"{path}: refused to load: only tensors and plain containers are loaded, since other "
-                              f"objects could execute code ({reason[:200] or type(exc).__name__})") from None
+                              f"objects could execute code ({reason})") from None
     except Exception as exc:
         # torch.load's zip, pickle and safetensors parsers fail on damaged input with whatever exception their
         # code path hits (struct.error, KeyError, SafetensorError, ...): for an untrusted file every one means
         # "unreadable".
         raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt: "
                               f"{str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__})") from None
+
+
+def _refusal_reason(exc: pickle.UnpicklingError) -> str:
+    """The reason in torch's refusal, without its boilerplate: the text after "WeightsUnpickler error: " (a global
+    from a module torch does not know), else the paragraphs between its opening one about its defaults and its
+    closing one pointing at its documentation (a global from a module it blocks); one line either way."""
+    text = str(exc).split("Check the documentation")[0]
+    if "WeightsUnpickler error: " in text:
+        return " ".join(text.split("WeightsUnpickler error: ", 1)[1].split())
+    return " ".join(" ".join(p for p in text.split("\n\n")[1:]).split())
 
 
 def save_state(path: str | os.PathLike, state: dict[str, Any]) -> None:
