@@ -214,6 +214,7 @@ def case_latency(work: Path, photos: Path | None, scale: float) -> dict:
 def case_resume(work: Path, photos: Path, scale: float) -> dict:
     budget = seconds("5m", scale)
     out = work / "resume"
+    shutil.rmtree(out, ignore_errors=True)  # an earlier run's trials would meet the kill condition at once
     killed = auto(photos, budget, out, kill_when=lambda: any((out / "search").glob("*/summary.json")))
     resumed = trainforge("auto", "--resume", str(out), "--json")
     total = killed["wall_s"] + resumed["wall_s"]
