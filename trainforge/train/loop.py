@@ -306,8 +306,7 @@ def _recipe_steps(config: cfg.TrainConfig) -> int:
     """The optimizer steps of the run's recipe on the images recipes are tuned on (0 without a recipe)."""
     if config.recipe not in recipes.RECIPES:
         return 0
-    epochs = recipes.recipe_value(config.recipe, "epochs")
-    return math.ceil(epochs * math.ceil(recipes.RECIPE_IMAGES / config.batch_size))
+    return math.ceil(recipes.recipe_steps(recipes.recipe_value(config.recipe, "epochs"), config.batch_size))
 
 
 def _step_cap(config: cfg.TrainConfig, steps_per_epoch: int, train_images: int) -> int | None:

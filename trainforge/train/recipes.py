@@ -155,12 +155,17 @@ def resolve(config: cfg.TrainConfig) -> cfg.TrainConfig:
     return resolved
 
 
+def recipe_steps(epochs: float, batch_size: int) -> float:
+    """The optimizer steps of `epochs` epochs at `batch_size` on the RECIPE_IMAGES images recipes are tuned on."""
+    return epochs * math.ceil(RECIPE_IMAGES / batch_size)
+
+
 def scale_to_data(config: cfg.TrainConfig, n_train: int) -> tuple[cfg.TrainConfig, str | None]:
     """`config` (resolved, its epochs the recipe's) with the epochs that keep the recipe's optimizer steps on
     `n_train` training images, within MIN_SCALED_EPOCHS and MAX_SCALED_EPOCHS; and the line that says so (None
     where nothing changed: on a set the size of the recipe's own, the epochs stay exactly as they are)."""
     batch = config.batch_size
-    steps = config.epochs * math.ceil(RECIPE_IMAGES / batch)
+    steps = recipe_steps(config.epochs, batch)
     per_epoch = math.ceil(n_train / batch)
     low, high = min(config.epochs, MIN_SCALED_EPOCHS), max(config.epochs, MAX_SCALED_EPOCHS)
     epochs = min(max(steps / per_epoch, low), high)
