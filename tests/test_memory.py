@@ -3,7 +3,9 @@ learning-rate range test, on real MNIST."""
 
 from __future__ import annotations
 
+import ctypes
 import json
+import sys
 
 import pytest
 import torch
@@ -14,6 +16,7 @@ from trainforge.data import DataBundle, ImageSet, balanced_subset, channel_stats
 from trainforge.errors import ConfigError
 from trainforge.hardware import memory
 from trainforge.train import loop
+from trainforge.train.device import configure_host_allocator
 
 
 def _bundle(mnist, n_train: int, n_test: int = 2000) -> DataBundle:
@@ -35,6 +38,29 @@ def test_parse_bytes_takes_suffixes_and_rejects_nonsense():
     for bad in ("lots", "-1G", "0", "4X"):
         with pytest.raises(ConfigError, match="--memory-budget"):
             memory.parse_bytes(bad)
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def _mmapped_blocks() -> int:
+    libc = ctypes.CDLL("libc.so.6")
+    if not hasattr(libc, "mallinfo2"):
+        pytest.skip("glibc before 2.33 has no mallinfo2")
+    libc.mallinfo2.restype = _MallInfo2
+    return libc.mallinfo2().hblks
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's allocator")
+def test_a_tensor_past_the_mmap_ceiling_comes_from_the_reused_heap():
+    # 64 MB: a cnn activation at 64 px and batch 128, past the 32 MB that glibc's mmap threshold can be raised to.
+    configure_host_allocator()
+    before = _mmapped_blocks()
+    batch = torch.empty(64 * 2 ** 20, dtype=torch.uint8)
+    assert _mmapped_blocks() == before
+    del batch
 
 
 def test_channel_stats_in_chunks_match_the_whole_set_at_once(mnist):

@@ -67,7 +67,9 @@ def configure_host_allocator() -> None:
     """Keeps freed batch-sized buffers in glibc's heap instead of returning them to the OS.
 
     With glibc's defaults every multi-megabyte temporary is a fresh mmap whose pages fault in on first touch; on the
-    machines measured here that made an elementwise op on a 1024x784 batch 25x slower than the op itself.
+    machines measured here that made an elementwise op on a 1024x784 batch 25x slower than the op itself. A raised
+    mmap threshold cannot help past its 32 MB ceiling (a cnn's activations at 64 px and batch 128 are 67 MB), so
+    mmap is switched off: every block comes from the heap and is reused (benchmarks/RESULTS.md, "Photo folders").
     """
     if sys.platform != "linux":
         return
@@ -75,8 +77,8 @@ def configure_host_allocator() -> None:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return
-    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
-    libc.mallopt(m_mmap_threshold, 32 * 2 ** 20)
+    m_trim_threshold, m_top_pad, m_mmap_max = -1, -2, -4
+    libc.mallopt(m_mmap_max, 0)
     libc.mallopt(m_trim_threshold, 2 ** 30)
     libc.mallopt(m_top_pad, 64 * 2 ** 20)
 
