@@ -1,5 +1,5 @@
 """`python -m trainforge` (what torchrun launches) is the `trainforge` command."""
 
-from .cli import exit_with, main
+from .cli import console
 
-exit_with(main())
+console()
